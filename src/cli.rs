@@ -1,0 +1,324 @@
+//! The command line: argument definitions (clap) and the commands that run on the store.
+//!
+//! Every command opens the store directly (there is no daemon yet). Output for people goes to
+//! stdout; errors are one line on stderr; `--json` gives machine-readable output.
+
+use std::io::{self, IsTerminal, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use crate::hash::Hash;
+use crate::store::{self, Store, StoreError};
+
+const EXAMPLES: &str = "\
+Examples:
+  swarmfs add photo.jpg notes.txt > sums   store and pin two files
+  b3sum -c sums                            the printed hashes are b3sum's
+  swarmfs cat af1349b9...3262 > copy       write a blob to stdout
+  swarmfs ls --json                        list local blobs for a script
+  swarmfs pin HASH / swarmfs unpin HASH    keep a blob, or let gc evict it
+  swarmfs --cache-size 20G gc              evict unpinned blobs beyond 20 GiB
+  swarmfs verify                           re-hash everything held locally
+
+Logs go to stderr; set RUST_LOG=debug (or info, warn) for more or less.";
+
+/// swarmfs: a peer-to-peer filesystem where every file is named by its BLAKE3 hash.
+#[derive(Debug, Parser)]
+#[command(name = "swarmfs", version, after_help = EXAMPLES)]
+pub struct Cli {
+    /// Data directory [default: $XDG_DATA_HOME/swarmfs, or ~/.local/share/swarmfs]
+    #[arg(long, global = true, value_name = "DIR", env = "SWARMFS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print machine-readable JSON
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Cache cap, e.g. 500M or 20G; remembered in the data directory [default: 10G]
+    #[arg(long, global = true, value_name = "BYTES", value_parser = parse_size)]
+    pub cache_size: Option<u64>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Store files and pin them; prints "<hash>  <path>" per file, exactly as b3sum does
+    #[command(after_help = "Example:\n  swarmfs add a.iso b.txt > sums && b3sum -c sums")]
+    Add {
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+    /// Write a blob to stdout, verified
+    #[command(after_help = "Example:\n  swarmfs cat 1f0e...9a3c > film.mkv")]
+    Cat { hash: String },
+    /// List local blobs: hash, size, bytes present, pinned
+    #[command(
+        after_help = "Example:\n  swarmfs ls\n  swarmfs ls --json | jq '.[] | select(.pinned)'"
+    )]
+    Ls,
+    /// Pin blobs so that gc never evicts them
+    #[command(after_help = "Example:\n  swarmfs pin 1f0e...9a3c")]
+    Pin {
+        #[arg(required = true, value_name = "HASH")]
+        hashes: Vec<String>,
+    },
+    /// Unpin blobs so that gc may evict them
+    #[command(after_help = "Example:\n  swarmfs unpin 1f0e...9a3c")]
+    Unpin {
+        #[arg(required = true, value_name = "HASH")]
+        hashes: Vec<String>,
+    },
+    /// Evict unpinned blobs, least recently used first, until the cache fits its cap
+    #[command(after_help = "Example:\n  swarmfs --cache-size 5G gc")]
+    Gc,
+    /// Re-hash local data, report corrupt blocks and drop them; exits 1 if any were corrupt
+    #[command(
+        after_help = "Example:\n  swarmfs verify            (every blob)\n  swarmfs verify 1f0e...9a3c"
+    )]
+    Verify {
+        #[arg(value_name = "HASH")]
+        hashes: Vec<String>,
+    },
+}
+
+/// Parses a byte count such as `1048576`, `512K`, `500M`, `20G` or `1T` (powers of 1024).
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let mult: u64 = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return Err(format!("{s:?} is not a size; try 500M or 20G")),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size; try 500M or 20G"))
+}
+
+/// Sends tracing output to stderr, filtered by `RUST_LOG` (default: warnings).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .init();
+}
+
+/// The default data directory.
+pub fn default_data_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d).join("swarmfs"));
+    }
+    let home = std::env::var_os("HOME")
+        .context("neither XDG_DATA_HOME nor HOME is set; pass --data-dir")?;
+    Ok(PathBuf::from(home).join(".local/share/swarmfs"))
+}
+
+fn parse_hash(s: &str) -> Result<Hash> {
+    Ok(s.parse::<Hash>()?)
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let dir = match &cli.data_dir {
+        Some(d) => d.clone(),
+        None => default_data_dir()?,
+    };
+    // Check hashes before touching the store, so a typo costs nothing.
+    let hashes = match &cli.command {
+        Command::Cat { hash } => vec![parse_hash(hash)?],
+        Command::Pin { hashes } | Command::Unpin { hashes } | Command::Verify { hashes } => hashes
+            .iter()
+            .map(|h| parse_hash(h))
+            .collect::<Result<_>>()?,
+        _ => Vec::new(),
+    };
+    let store = Store::open(
+        &dir,
+        store::Options {
+            cache_size: cli.cache_size,
+        },
+    )?;
+    let mut out = io::stdout().lock();
+    match cli.command {
+        Command::Add { paths } => add(&store, &paths, cli.json, &mut out),
+        Command::Cat { .. } => cat(&store, &hashes[0]),
+        Command::Ls => ls(&store, cli.json, &mut out),
+        Command::Pin { .. } | Command::Unpin { .. } => {
+            let pin = matches!(cli.command, Command::Pin { .. });
+            for h in &hashes {
+                store.set_pinned(h, pin)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gc => gc(&store, cli.json, &mut out),
+        Command::Verify { .. } => verify(&store, hashes, cli.json, &mut out),
+    }
+}
+
+/// The line b3sum prints for a file, including its escaping of `\` and newlines in names.
+pub fn b3sum_line(h: &Hash, path: &Path) -> String {
+    let p = path.to_string_lossy();
+    if p.contains(['\\', '\n']) {
+        format!("\\{h}  {}", p.replace('\\', "\\\\").replace('\n', "\\n"))
+    } else {
+        format!("{h}  {p}")
+    }
+}
+
+#[derive(Serialize)]
+struct Added<'a> {
+    hash: Hash,
+    size: u64,
+    path: &'a Path,
+}
+
+fn add(store: &Store, paths: &[PathBuf], json: bool, out: &mut dyn Write) -> Result<ExitCode> {
+    let mut failed = false;
+    let mut added = Vec::new();
+    for p in paths {
+        match store.import_file(p, true) {
+            Ok((h, size)) => {
+                if json {
+                    added.push(Added {
+                        hash: h,
+                        size,
+                        path: p,
+                    });
+                } else {
+                    writeln!(out, "{}", b3sum_line(&h, p))?;
+                    out.flush()?;
+                }
+            }
+            Err(e @ (StoreError::Io { .. } | StoreError::IsDir { .. })) => {
+                eprintln!("swarmfs: {:#}", anyhow::Error::from(e));
+                failed = true;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &added)?;
+        writeln!(out)?;
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn cat(store: &Store, h: &Hash) -> Result<ExitCode> {
+    // A plain file on fd 1 (a dup): big writes without Stdout's line buffering, and Send.
+    let mut stdout = std::fs::File::from(io::stdout().as_fd().try_clone_to_owned()?);
+    match store.cat(h, &mut stdout) {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        // The reader went away (`swarmfs cat H | head`): not an error worth a word.
+        Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::BrokenPipe => {
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn ls(store: &Store, json: bool, out: &mut dyn Write) -> Result<ExitCode> {
+    let mut list = store.list()?;
+    list.sort_by_key(|b| b.hash);
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &list)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if io::stdout().is_terminal() {
+        writeln!(
+            out,
+            "{:<64}  {:>14}  {:>14}  PINNED",
+            "HASH", "SIZE", "PRESENT"
+        )?;
+    }
+    for b in list {
+        let pinned = if b.pinned { "pinned" } else { "-" };
+        writeln!(
+            out,
+            "{}  {:>14}  {:>14}  {pinned}",
+            b.hash, b.size, b.present
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn gc(store: &Store, json: bool, out: &mut dyn Write) -> Result<ExitCode> {
+    let evicted = store.gc()?;
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &evicted)?;
+        writeln!(out)?;
+    } else {
+        for b in &evicted {
+            writeln!(out, "evicted {}  {} bytes", b.hash, b.present)?;
+        }
+        writeln!(
+            out,
+            "cache: {} of {} bytes used",
+            store.used(),
+            store.cache_size()
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct Verified {
+    hash: Hash,
+    /// Blocks that failed, by index; each is 16 KiB at offset `16384 * index`.
+    corrupt: Vec<u64>,
+}
+
+fn verify(
+    store: &Store,
+    mut hashes: Vec<Hash>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<ExitCode> {
+    if hashes.is_empty() {
+        hashes = store.list()?.into_iter().map(|b| b.hash).collect();
+    }
+    let mut report = Vec::new();
+    for h in hashes {
+        let corrupt = store.verify(&h)?;
+        if !json {
+            if corrupt.is_empty() {
+                writeln!(out, "{h}: OK")?;
+            }
+            for &g in &corrupt {
+                let s = g * crate::tree::GROUP_SIZE;
+                writeln!(out, "{h}: block {g} (bytes {s}..) CORRUPT, dropped")?;
+            }
+        }
+        report.push(Verified { hash: h, corrupt });
+    }
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &report)?;
+        writeln!(out)?;
+    }
+    let bad = report.iter().any(|r| !r.corrupt.is_empty());
+    Ok(if bad {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}

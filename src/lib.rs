@@ -1,0 +1,22 @@
+//! swarmfs: a peer-to-peer, content-addressed filesystem.
+//!
+//! # Layout
+//!
+//! - [`hash`]: `Hash`, the BLAKE3 hash of a blob, in the hex form `b3sum` prints.
+//! - [`tree`]: the BLAKE3 tree over 16 KiB groups, the outboard, and verified walks.
+//! - [`bao`]: the verified encoding of group ranges, for partial writes and the wire.
+//! - [`store`]: blobs on disk with a sled index: import, verified reads, partial blobs,
+//!   pins, LRU eviction, crash recovery.
+//! - [`cli`]: the command line; `main.rs` only parses and maps errors to exit codes.
+//!
+//! Invariant: no byte reaches a reader, the cache or a peer unless it verified against its
+//! hash. See `docs/ARCHITECTURE.md`.
+
+pub mod bao;
+pub mod cli;
+pub mod hash;
+pub mod store;
+pub mod tree;
+
+pub use hash::Hash;
+pub use store::Store;

@@ -1,0 +1,510 @@
+//! The blob store: verified blobs on disk, indexed by sled.
+//!
+//! Layout of a data directory:
+//!
+//! ```text
+//! lock              held (flock) by the one process that has the store open; holds its pid
+//! index/            sled: metadata, present-sets, pins, LRU order, small blobs inline
+//! blobs/<hex>       a blob's bytes, exactly its content once complete (sparse while partial)
+//! blobs/<hex>.obao  its outboard: the tree's pairs, see `tree.rs`
+//! tmp/              imports in progress; emptied on open
+//! ```
+//!
+//! Crash safety rests on two orders. An import is written under `tmp/`, fsynced, renamed into
+//! `blobs/`, and only then entered in the index, so a blob in the index is whole. A partial
+//! blob's groups are fsynced before the present-set that lists them is written, so the index
+//! never claims bytes that a crash could lose. Whatever a crash strands (files in `tmp/`,
+//! files in `blobs/` with no index entry) is swept on the next open.
+
+mod import;
+mod meta;
+mod partial;
+mod present;
+mod read;
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+
+use crate::hash::Hash;
+use crate::tree::GROUP_SIZE;
+use meta::{key, lru_key, Meta, TAG_INLINE, TAG_LRU, TAG_META, TAG_PRESENT};
+pub use present::Present;
+pub use read::BlobReader;
+
+/// Blobs up to this size are kept inline in the index rather than in files.
+pub const INLINE_MAX: u64 = GROUP_SIZE;
+/// The cache cap when none was ever given.
+pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
+const CFG_CACHE_SIZE: &[u8] = b"cfg/cache_size";
+
+/// Everything that can go wrong in the store, each with a message a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("data directory {dir} is in use by another swarmfs process (pid {pid})")]
+    Busy { dir: PathBuf, pid: String },
+    #[error("unknown blob {0}: it is not in the local store")]
+    NotFound(Hash),
+    #[error("blob {hash}: block {group} (bytes {}..{}) failed verification; the local copy is corrupt (run `swarmfs verify {hash}`)", bytes.start, bytes.end)]
+    Corrupt {
+        hash: Hash,
+        group: u64,
+        bytes: std::ops::Range<u64>,
+    },
+    #[error("blob {hash}: block {group} (bytes {}..{}) is not held locally", bytes.start, bytes.end)]
+    Missing {
+        hash: Hash,
+        group: u64,
+        bytes: std::ops::Range<u64>,
+    },
+    #[error("blob {hash}: the data sent does not verify")]
+    BadData {
+        hash: Hash,
+        #[source]
+        source: crate::bao::VerifyError,
+    },
+    #[error("blob {hash} is already known with size {known}, not {claimed}")]
+    SizeMismatch {
+        hash: Hash,
+        known: u64,
+        claimed: u64,
+    },
+    #[error("{path}: is a directory")]
+    IsDir { path: PathBuf },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("index database in {dir}")]
+    Db {
+        dir: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+}
+
+/// The store's result type.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Attaches a description to an I/O error.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| StoreError::Io {
+            what: what(),
+            source,
+        })
+    }
+}
+
+/// What `ls` shows for one blob.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct BlobInfo {
+    pub hash: Hash,
+    pub size: u64,
+    /// Bytes held and verified locally.
+    pub present: u64,
+    pub pinned: bool,
+    pub complete: bool,
+}
+
+/// How to open a store.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// A new cache cap, remembered in the index; `None` keeps the remembered one.
+    pub cache_size: Option<u64>,
+}
+
+/// The blob store. All methods take `&self`; it is shared between threads.
+pub struct Store {
+    dir: PathBuf,
+    blobs: PathBuf,
+    tmp: PathBuf,
+    db: sled::Db,
+    /// Held for the life of the store: one process per data directory.
+    _lock: File,
+    cap: AtomicU64,
+    /// Bytes held locally, complete and partial, pinned or not.
+    used: AtomicU64,
+    /// Serialises changes to index entries, so that read-modify-write of a `Meta` is atomic.
+    write: Mutex<()>,
+    partials: Mutex<HashMap<Hash, Arc<Mutex<partial::Partial>>>>,
+    tmp_seq: AtomicU64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`, takes its lock, and sweeps whatever a
+    /// crash left behind.
+    pub fn open(dir: &Path, opts: Options) -> Result<Store> {
+        let blobs = dir.join("blobs");
+        let tmp = dir.join("tmp");
+        for d in [dir, &blobs, &tmp] {
+            fs::create_dir_all(d).ctx(|| format!("cannot create {}", d.display()))?;
+        }
+        let lock = take_lock(dir)?;
+        let db = sled::Config::new()
+            .path(dir.join("index"))
+            .cache_capacity(8 << 20)
+            .flush_every_ms(Some(1000))
+            .open()
+            .map_err(|source| StoreError::Db {
+                dir: dir.to_owned(),
+                source,
+            })?;
+        let store = Store {
+            dir: dir.to_owned(),
+            blobs,
+            tmp,
+            db,
+            _lock: lock,
+            cap: AtomicU64::new(DEFAULT_CACHE_SIZE),
+            used: AtomicU64::new(0),
+            write: Mutex::new(()),
+            partials: Mutex::new(HashMap::new()),
+            tmp_seq: AtomicU64::new(0),
+        };
+        match opts.cache_size {
+            Some(cap) => store.set_cache_size(cap)?,
+            None => {
+                if let Some(v) = store.db.get(CFG_CACHE_SIZE).map_err(|e| store.db_err(e))? {
+                    if let Ok(b) = <[u8; 8]>::try_from(&v[..]) {
+                        store.cap.store(u64::from_le_bytes(b), Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        store.recover()?;
+        Ok(store)
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The cache cap in bytes.
+    pub fn cache_size(&self) -> u64 {
+        self.cap.load(Ordering::Relaxed)
+    }
+
+    /// Bytes held locally.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Sets and remembers the cache cap. It is enforced by the next import or `gc`.
+    pub fn set_cache_size(&self, cap: u64) -> Result<()> {
+        self.cap.store(cap, Ordering::Relaxed);
+        self.db
+            .insert(CFG_CACHE_SIZE, &cap.to_le_bytes())
+            .map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    /// Empties `tmp/`, drops files in `blobs/` that the index does not know, drops index
+    /// entries whose files are gone, and totals the bytes held.
+    fn recover(&self) -> Result<()> {
+        for e in fs::read_dir(&self.tmp).ctx(|| format!("cannot list {}", self.tmp.display()))? {
+            let p = e.ctx(|| "cannot list tmp".into())?.path();
+            tracing::info!(path = %p.display(), "removing an import a crash left behind");
+            let _ = fs::remove_file(&p);
+        }
+        let mut used = 0;
+        let mut known = HashMap::new();
+        for (h, m) in self.metas()? {
+            used += m.present;
+            known.insert(h, m);
+        }
+        for e in
+            fs::read_dir(&self.blobs).ctx(|| format!("cannot list {}", self.blobs.display()))?
+        {
+            let e = e.ctx(|| "cannot list blobs".into())?;
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            let hex = name.strip_suffix(".obao").unwrap_or(&name);
+            let keep = Hash::parse_lowercase(hex)
+                .and_then(|h| known.get(&h))
+                .is_some_and(|m| !m.inline);
+            if !keep {
+                tracing::info!(file = %name, "removing a blob file the index does not list");
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        for (h, m) in known {
+            if !m.inline && !self.data_path(&h).exists() {
+                tracing::warn!(hash = %h, "blob file is gone; dropping it from the index");
+                used -= m.present;
+                self.remove_entry(&h, &m)?;
+            }
+        }
+        self.used.store(used, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub(crate) fn db_err(&self, source: sled::Error) -> StoreError {
+        StoreError::Db {
+            dir: self.dir.clone(),
+            source,
+        }
+    }
+
+    pub(crate) fn data_path(&self, h: &Hash) -> PathBuf {
+        self.blobs.join(h.to_string())
+    }
+
+    pub(crate) fn ob_path(&self, h: &Hash) -> PathBuf {
+        self.blobs.join(format!("{h}.obao"))
+    }
+
+    /// The path of a complete blob's data file, which holds exactly its content; `None` for
+    /// blobs that are partial or kept inline.
+    pub fn complete_file(&self, h: &Hash) -> Result<Option<PathBuf>> {
+        Ok(match self.meta(h)? {
+            Some(m) if m.complete && !m.inline => Some(self.data_path(h)),
+            _ => None,
+        })
+    }
+
+    pub(crate) fn lock_write(&self) -> MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn meta(&self, h: &Hash) -> Result<Option<Meta>> {
+        let v = self.db.get(key(TAG_META, h)).map_err(|e| self.db_err(e))?;
+        Ok(v.and_then(|v| Meta::decode(&v)))
+    }
+
+    fn metas(&self) -> Result<Vec<(Hash, Meta)>> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix([TAG_META]) {
+            let (k, v) = kv.map_err(|e| self.db_err(e))?;
+            if let (Ok(h), Some(m)) = (<[u8; 32]>::try_from(&k[1..]), Meta::decode(&v)) {
+                out.push((Hash::from_bytes(h), m));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Everything held locally, complete or partial.
+    pub fn list(&self) -> Result<Vec<BlobInfo>> {
+        Ok(self
+            .metas()?
+            .into_iter()
+            .map(|(hash, m)| BlobInfo {
+                hash,
+                size: m.size,
+                present: m.present,
+                pinned: m.pinned,
+                complete: m.complete,
+            })
+            .collect())
+    }
+
+    /// What `ls` shows for one blob, or `None` if it is not held.
+    pub fn info(&self, h: &Hash) -> Result<Option<BlobInfo>> {
+        Ok(self.meta(h)?.map(|m| BlobInfo {
+            hash: *h,
+            size: m.size,
+            present: m.present,
+            pinned: m.pinned,
+            complete: m.complete,
+        }))
+    }
+
+    /// Pins or unpins a blob. Pinned blobs are never evicted.
+    pub fn set_pinned(&self, h: &Hash, pinned: bool) -> Result<()> {
+        let _w = self.lock_write();
+        let mut m = self.meta(h)?.ok_or(StoreError::NotFound(*h))?;
+        m.pinned = pinned;
+        self.db
+            .insert(&key(TAG_META, h)[..], &m.encode()[..])
+            .map_err(|e| self.db_err(e))?;
+        self.db.flush().map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    /// Marks a blob as just used, for the LRU order.
+    pub fn touch(&self, h: &Hash) -> Result<()> {
+        let _w = self.lock_write();
+        let Some(mut m) = self.meta(h)? else {
+            return Ok(());
+        };
+        let tick = self.db.generate_id().map_err(|e| self.db_err(e))?;
+        let mut b = sled::Batch::default();
+        b.remove(&lru_key(m.tick, h)[..]);
+        m.tick = tick;
+        b.insert(&lru_key(m.tick, h)[..], &[][..]);
+        b.insert(&key(TAG_META, h)[..], &m.encode()[..]);
+        self.db.apply_batch(b).map_err(|e| self.db_err(e))
+    }
+
+    /// Writes a new or changed index entry, keeping the LRU key in step. The caller holds
+    /// the write lock.
+    pub(crate) fn put_meta(
+        &self,
+        h: &Hash,
+        old: Option<&Meta>,
+        m: &mut Meta,
+        mut b: sled::Batch,
+    ) -> Result<()> {
+        if let Some(old) = old {
+            b.remove(&lru_key(old.tick, h)[..]);
+        }
+        m.tick = self.db.generate_id().map_err(|e| self.db_err(e))?;
+        b.insert(&lru_key(m.tick, h)[..], &[][..]);
+        b.insert(&key(TAG_META, h)[..], &m.encode()[..]);
+        self.db.apply_batch(b).map_err(|e| self.db_err(e))?;
+        self.db.flush().map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    /// Removes a blob's index entry. Files go after the entry, so a crash in between leaves
+    /// only orphans for the next open to sweep, never an entry without its bytes.
+    fn remove_entry(&self, h: &Hash, m: &Meta) -> Result<()> {
+        let mut b = sled::Batch::default();
+        b.remove(&key(TAG_META, h)[..]);
+        b.remove(&key(TAG_PRESENT, h)[..]);
+        b.remove(&key(TAG_INLINE, h)[..]);
+        b.remove(&lru_key(m.tick, h)[..]);
+        self.db.apply_batch(b).map_err(|e| self.db_err(e))?;
+        self.db.flush().map_err(|e| self.db_err(e))?;
+        self.partials_lock().remove(h);
+        if !m.inline {
+            let _ = fs::remove_file(self.data_path(h));
+            let _ = fs::remove_file(self.ob_path(h));
+        }
+        Ok(())
+    }
+
+    /// Drops a blob from the store, pinned or not.
+    pub fn remove(&self, h: &Hash) -> Result<()> {
+        let _w = self.lock_write();
+        let m = self.meta(h)?.ok_or(StoreError::NotFound(*h))?;
+        self.remove_entry(h, &m)?;
+        self.used.fetch_sub(m.present, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Evicts unpinned blobs, least recently used first, until the store fits its cap (or
+    /// nothing unpinned is left). Returns what was evicted.
+    pub fn gc(&self) -> Result<Vec<BlobInfo>> {
+        let _w = self.lock_write();
+        let cap = self.cache_size();
+        let mut evicted = Vec::new();
+        if self.used() <= cap {
+            return Ok(evicted);
+        }
+        let mut order = Vec::new();
+        for kv in self.db.scan_prefix([TAG_LRU]) {
+            let (k, _) = kv.map_err(|e| self.db_err(e))?;
+            if let Ok(h) = <[u8; 32]>::try_from(&k[9..]) {
+                order.push(Hash::from_bytes(h));
+            }
+        }
+        for h in order {
+            if self.used() <= cap {
+                break;
+            }
+            let Some(m) = self.meta(&h)? else { continue };
+            if m.pinned {
+                continue;
+            }
+            tracing::info!(hash = %h, bytes = m.present, "evicting");
+            self.remove_entry(&h, &m)?;
+            self.used.fetch_sub(m.present, Ordering::Relaxed);
+            evicted.push(BlobInfo {
+                hash: h,
+                size: m.size,
+                present: m.present,
+                pinned: false,
+                complete: m.complete,
+            });
+        }
+        Ok(evicted)
+    }
+
+    /// Makes every recorded change durable: partial blobs' bytes, then the index.
+    pub fn flush(&self) -> Result<()> {
+        let partials: Vec<_> = self
+            .partials_lock()
+            .iter()
+            .map(|(h, p)| (*h, p.clone()))
+            .collect();
+        for (h, p) in partials {
+            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+            self.flush_partial(&h, &mut p)?;
+        }
+        self.db.flush().map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    fn partials_lock(&self) -> MutexGuard<'_, HashMap<Hash, Arc<Mutex<partial::Partial>>>> {
+        self.partials.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fresh path under `tmp/`.
+    fn tmp_path(&self, what: &str) -> PathBuf {
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        self.tmp.join(format!("{}-{n}.{what}", std::process::id()))
+    }
+
+    /// fsyncs `blobs/`, so renames into it survive a crash.
+    fn sync_blobs_dir(&self) -> Result<()> {
+        File::open(&self.blobs)
+            .and_then(|d| d.sync_all())
+            .ctx(|| format!("cannot sync {}", self.blobs.display()))
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::error!("flushing the store on close: {e}");
+        }
+    }
+}
+
+/// Takes the data directory's lock, or names the process that holds it.
+fn take_lock(dir: &Path) -> Result<File> {
+    let path = dir.join("lock");
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .ctx(|| format!("cannot open {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(StoreError::Busy {
+                dir: dir.to_owned(),
+                pid: if pid.is_empty() {
+                    "unknown".into()
+                } else {
+                    pid.into()
+                },
+            });
+        }
+        Err(fs::TryLockError::Error(e)) => {
+            return Err(e).ctx(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    f.set_len(0)
+        .ctx(|| format!("cannot write {}", path.display()))?;
+    write!(f, "{}", std::process::id()).ctx(|| format!("cannot write {}", path.display()))?;
+    Ok(f)
+}

@@ -1,0 +1,353 @@
+//! Partial blobs: verified ranges written in any order, the present-set, and serving ranges.
+//!
+//! Ranges arrive as the bao-style encoding (`bao.rs`), verified as they are read, and go
+//! straight to their place in `blobs/<hex>` and `blobs/<hex>.obao`. The present-set is kept
+//! in memory and written to the index only after the bytes it lists are fsynced (every
+//! `FLUSH_BYTES`, on completion, and on `Store::flush`), so a crash can lose recent ranges
+//! but can never make the index claim bytes that are not on disk.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use super::meta::{key, Meta, TAG_INLINE, TAG_PRESENT};
+use super::{IoContext, Present, Result, Store, StoreError};
+use crate::bao::{self, Item};
+use crate::hash::Hash;
+use crate::tree::{Tree, GROUP_SIZE, PAIR_SIZE};
+
+/// Unsynced bytes a partial blob may gather before its present-set is made durable.
+const FLUSH_BYTES: u64 = 32 << 20;
+
+/// An open partial blob.
+pub(crate) struct Partial {
+    tree: Tree,
+    data: File,
+    ob: File,
+    /// Groups verified and written (durable or not).
+    present: Present,
+    /// Bytes written since the last flush.
+    dirty: u64,
+}
+
+/// The bytes held in the present groups.
+fn present_bytes(tree: &Tree, p: &Present) -> u64 {
+    let mut n = p.count() * GROUP_SIZE;
+    let last = tree.groups() - 1;
+    if p.contains(last) {
+        let r = tree.group_bytes(last);
+        n -= GROUP_SIZE - (r.end - r.start);
+    }
+    n
+}
+
+impl Store {
+    /// The present-set of a blob (full for a complete one).
+    pub fn present_groups(&self, h: &Hash) -> Result<Present> {
+        if let Some(p) = self.partials_lock().get(h) {
+            return Ok(p.lock().unwrap_or_else(|e| e.into_inner()).present.clone());
+        }
+        let m = self.meta(h)?.ok_or(StoreError::NotFound(*h))?;
+        let groups = Tree::new(m.size).groups();
+        if m.complete {
+            return Ok(Present::full(groups));
+        }
+        let v = self
+            .db
+            .get(key(TAG_PRESENT, h))
+            .map_err(|e| self.db_err(e))?;
+        Ok(v.and_then(|v| Present::from_bytes(groups, &v))
+            .unwrap_or_else(|| Present::new(groups)))
+    }
+
+    /// The runs of groups within `within` that are not held locally.
+    pub fn missing(&self, h: &Hash, within: Range<u64>) -> Result<Vec<Range<u64>>> {
+        Ok(self.present_groups(h)?.missing(within))
+    }
+
+    /// The open partial blob for `h`, created with `size` if the store has none.
+    fn partial(&self, h: &Hash, size: u64) -> Result<Arc<Mutex<Partial>>> {
+        if let Some(p) = self.partials_lock().get(h) {
+            let known = p.lock().unwrap_or_else(|e| e.into_inner()).tree.size();
+            if known != size {
+                return Err(StoreError::SizeMismatch {
+                    hash: *h,
+                    known,
+                    claimed: size,
+                });
+            }
+            return Ok(p.clone());
+        }
+        let _w = self.lock_write();
+        let old = self.meta(h)?;
+        if let Some(m) = &old {
+            if m.size != size {
+                return Err(StoreError::SizeMismatch {
+                    hash: *h,
+                    known: m.size,
+                    claimed: size,
+                });
+            }
+        }
+        let tree = Tree::new(size);
+        let present = self
+            .present_groups(h)
+            .unwrap_or_else(|_| Present::new(tree.groups()));
+        let open = |p: std::path::PathBuf, len: u64| -> Result<File> {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)
+                .ctx(|| format!("cannot create {}", p.display()))?;
+            f.set_len(len)
+                .ctx(|| format!("cannot size {}", p.display()))?;
+            Ok(f)
+        };
+        let data = open(self.data_path(h), size)?;
+        let ob = open(self.ob_path(h), tree.outboard_size())?;
+        if old.is_none() {
+            // Enter the blob before any byte is written, so its files are never orphans.
+            self.sync_blobs_dir()?;
+            let mut m = Meta {
+                size,
+                ..Meta::default()
+            };
+            self.put_meta(h, None, &mut m, sled::Batch::default())?;
+        }
+        let p = Arc::new(Mutex::new(Partial {
+            tree,
+            data,
+            ob,
+            present,
+            dirty: 0,
+        }));
+        self.partials_lock().insert(*h, p.clone());
+        Ok(p)
+    }
+
+    /// Reads the encoding of the groups in `want` for blob `h` of `size` bytes from `input`,
+    /// verifies it and stores every verified group. Returns true once the blob is complete.
+    /// On bad data, whatever verified before it is kept and `BadData` is returned.
+    pub fn write_encoded(
+        &self,
+        h: &Hash,
+        size: u64,
+        want: &[Range<u64>],
+        input: &mut dyn Read,
+    ) -> Result<bool> {
+        let tree = Tree::new(size);
+        if let Some(m) = self.meta(h)?.filter(|m| m.complete) {
+            if m.size != size {
+                return Err(StoreError::SizeMismatch {
+                    hash: *h,
+                    known: m.size,
+                    claimed: size,
+                });
+            }
+            bao::decode(tree, h, want, input, &mut |_| Ok(()))
+                .map_err(|source| StoreError::BadData { hash: *h, source })?;
+            return Ok(true);
+        }
+        if tree.is_single_group() {
+            return self.write_single(h, size, want, input);
+        }
+        let p = self.partial(h, size)?;
+        let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+        let part = &mut *p;
+        let mut added = 0;
+        let res = bao::decode(tree, h, want, input, &mut |item| {
+            match item {
+                Item::Pair { slot, pair } => part.ob.write_all_at(pair, slot * PAIR_SIZE)?,
+                Item::Group { group, data } => {
+                    if !part.present.contains(group) {
+                        part.data.write_all_at(data, group * GROUP_SIZE)?;
+                        part.present.insert(group..group + 1);
+                        added += data.len() as u64;
+                    }
+                }
+            }
+            Ok(())
+        });
+        part.dirty += added;
+        self.used.fetch_add(added, Ordering::Relaxed);
+        if let Err(source) = res {
+            if let bao::VerifyError::Io(e) = source {
+                return Err(StoreError::Io {
+                    what: format!("cannot store blob {h}"),
+                    source: e,
+                });
+            }
+            tracing::warn!(hash = %h, "rejected data that failed verification: {source}");
+            return Err(StoreError::BadData { hash: *h, source });
+        }
+        if part.present.is_full() {
+            self.complete_partial(h, part)?;
+            drop(p);
+            self.partials_lock().remove(h);
+            self.gc()?;
+            return Ok(true);
+        }
+        if part.dirty >= FLUSH_BYTES {
+            self.flush_partial(h, part)?;
+        }
+        Ok(false)
+    }
+
+    /// A blob of one group is verified whole and kept inline.
+    fn write_single(
+        &self,
+        h: &Hash,
+        size: u64,
+        want: &[Range<u64>],
+        input: &mut dyn Read,
+    ) -> Result<bool> {
+        let mut got = None;
+        bao::decode(Tree::new(size), h, want, input, &mut |item| {
+            if let Item::Group { data, .. } = item {
+                got = Some(data.to_vec());
+            }
+            Ok(())
+        })
+        .map_err(|source| StoreError::BadData { hash: *h, source })?;
+        let Some(data) = got else { return Ok(false) };
+        let _w = self.lock_write();
+        let old = self.meta(h)?;
+        let mut b = sled::Batch::default();
+        b.insert(&key(TAG_INLINE, h)[..], data);
+        let mut m = Meta {
+            size,
+            complete: true,
+            inline: true,
+            present: size,
+            ..old.unwrap_or_default()
+        };
+        self.put_meta(h, old.as_ref(), &mut m, b)?;
+        self.used.fetch_add(size, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Makes a partial blob's written groups durable, then records them.
+    pub(crate) fn flush_partial(&self, h: &Hash, p: &mut Partial) -> Result<()> {
+        if p.dirty == 0 {
+            return Ok(());
+        }
+        let what = || format!("cannot sync blob {h}");
+        p.data.sync_data().ctx(what)?;
+        p.ob.sync_data().ctx(what)?;
+        let _w = self.lock_write();
+        let Some(old) = self.meta(h)? else {
+            return Ok(());
+        };
+        let mut m = old;
+        m.present = present_bytes(&p.tree, &p.present);
+        let mut b = sled::Batch::default();
+        b.insert(&key(TAG_PRESENT, h)[..], p.present.to_bytes());
+        self.put_meta(h, Some(&old), &mut m, b)?;
+        p.dirty = 0;
+        Ok(())
+    }
+
+    fn complete_partial(&self, h: &Hash, p: &mut Partial) -> Result<()> {
+        let what = || format!("cannot sync blob {h}");
+        p.data.sync_data().ctx(what)?;
+        p.ob.sync_data().ctx(what)?;
+        let _w = self.lock_write();
+        let Some(old) = self.meta(h)? else {
+            return Ok(());
+        };
+        let mut m = old;
+        m.complete = true;
+        m.present = m.size;
+        let mut b = sled::Batch::default();
+        b.remove(&key(TAG_PRESENT, h)[..]);
+        self.put_meta(h, Some(&old), &mut m, b)?;
+        p.dirty = 0;
+        tracing::info!(hash = %h, size = m.size, "blob complete");
+        Ok(())
+    }
+
+    /// Drops groups that failed verification from a blob's present-set.
+    pub(crate) fn drop_groups(&self, h: &Hash, m: &Meta, bad: &[u64]) -> Result<()> {
+        let tree = Tree::new(m.size);
+        if m.inline {
+            return self.remove(h);
+        }
+        let mut present = self.present_groups(h)?;
+        for &g in bad {
+            present.remove(g);
+        }
+        let _w = self.lock_write();
+        if let Some(p) = self.partials_lock().get(h) {
+            p.lock().unwrap_or_else(|e| e.into_inner()).present = present.clone();
+        }
+        let mut new = *m;
+        new.complete = false;
+        new.present = present_bytes(&tree, &present);
+        let mut b = sled::Batch::default();
+        b.insert(&key(TAG_PRESENT, h)[..], present.to_bytes());
+        self.put_meta(h, Some(m), &mut new, b)?;
+        self.used
+            .fetch_sub(m.present - new.present, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes the verified encoding of the groups in `want` to `out`; every wanted group must
+    /// be present. This is what a node serves to peers.
+    pub fn encode(&self, h: &Hash, want: &[Range<u64>], out: &mut dyn Write) -> Result<u64> {
+        let m = self.meta(h)?.ok_or(StoreError::NotFound(*h))?;
+        let tree = Tree::new(m.size);
+        let present = self.present_groups(h)?;
+        for r in want {
+            if let Some(g) = (r.start..r.end.min(tree.groups())).find(|&g| !present.contains(g)) {
+                return Err(StoreError::Missing {
+                    hash: *h,
+                    group: g,
+                    bytes: tree.group_bytes(g),
+                });
+            }
+        }
+        let mut reader = self.reader_for(h, &m)?;
+        let mut counter = Counter { inner: out, n: 0 };
+        reader
+            .encode_to(want, &mut counter)
+            .map_err(|source| match source {
+                bao::VerifyError::BadGroup { group } => reader_corrupt(h, &tree, group),
+                bao::VerifyError::BadPair { groups } => reader_corrupt(h, &tree, groups.start),
+                bao::VerifyError::Io(e) => StoreError::Io {
+                    what: format!("cannot serve blob {h}"),
+                    source: e,
+                },
+            })?;
+        Ok(counter.n)
+    }
+}
+
+fn reader_corrupt(h: &Hash, tree: &Tree, g: u64) -> StoreError {
+    tracing::error!(hash = %h, block = g, "block failed verification while serving");
+    StoreError::Corrupt {
+        hash: *h,
+        group: g,
+        bytes: tree.group_bytes(g),
+    }
+}
+
+struct Counter<'a> {
+    inner: &'a mut dyn Write,
+    n: u64,
+}
+
+impl Write for Counter<'_> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let k = self.inner.write(b)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
