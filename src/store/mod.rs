@@ -300,25 +300,29 @@ impl Store {
         Ok(self
             .metas()?
             .into_iter()
-            .map(|(hash, m)| BlobInfo {
-                hash,
-                size: m.size,
-                present: m.present,
-                pinned: m.pinned,
-                complete: m.complete,
-            })
+            .map(|(hash, m)| self.blob_info(hash, &m))
             .collect())
     }
 
     /// What `ls` shows for one blob, or `None` if it is not held.
     pub fn info(&self, h: &Hash) -> Result<Option<BlobInfo>> {
-        Ok(self.meta(h)?.map(|m| BlobInfo {
-            hash: *h,
+        Ok(self.meta(h)?.map(|m| self.blob_info(*h, &m)))
+    }
+
+    /// The index entry as shown to users; an open partial blob counts the groups written
+    /// since its last flush too.
+    fn blob_info(&self, hash: Hash, m: &Meta) -> BlobInfo {
+        let present = match self.partials_lock().get(&hash) {
+            Some(p) => p.lock().unwrap_or_else(|e| e.into_inner()).present_bytes(),
+            None => m.present,
+        };
+        BlobInfo {
+            hash,
             size: m.size,
-            present: m.present,
+            present,
             pinned: m.pinned,
             complete: m.complete,
-        }))
+        }
     }
 
     /// Pins or unpins a blob. Pinned blobs are never evicted.

@@ -33,6 +33,13 @@ pub(crate) struct Partial {
     dirty: u64,
 }
 
+impl Partial {
+    /// The bytes held in the present groups.
+    pub(crate) fn present_bytes(&self) -> u64 {
+        present_bytes(&self.tree, &self.present)
+    }
+}
+
 /// The bytes held in the present groups.
 fn present_bytes(tree: &Tree, p: &Present) -> u64 {
     let mut n = p.count() * GROUP_SIZE;

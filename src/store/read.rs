@@ -149,13 +149,13 @@ impl Store {
             let (expect, bad_nodes) = r.expect(batch.clone())?;
             bad.extend(bad_nodes.iter().filter(|&&g| r.has(g)));
             r.read_raw(&expect, &mut buf)?;
-            let mut at = 0;
+            // A bad pair leaves gaps in `expect`, so place each group by its index.
+            let base = expect.first().map_or(0, |e| e.0);
             for &(g, cv, is_root) in &expect {
-                let len = r.group_len(g);
-                if r.has(g) && group_cv(g, &buf[at..at + len], is_root) != cv {
+                let at = ((g - base) * GROUP_SIZE) as usize;
+                if r.has(g) && group_cv(g, &buf[at..at + r.group_len(g)], is_root) != cv {
                     bad.push(g);
                 }
-                at += len;
             }
             g = batch.end;
         }
@@ -413,14 +413,14 @@ enum WriteFail {
 /// Checks each group in `buf` (consecutive, from `expect[0]`) against its expected value;
 /// returns the first group that fails.
 fn check(tree: &Tree, expect: &Expect, buf: &[u8]) -> std::result::Result<(), u64> {
-    let mut at = 0;
+    let base = expect.first().map_or(0, |e| e.0);
     for &(g, cv, is_root) in expect {
         let r = tree.group_bytes(g);
+        let at = ((g - base) * GROUP_SIZE) as usize;
         let len = (r.end - r.start) as usize;
         if buf.len() < at + len || group_cv(g, &buf[at..at + len], is_root) != cv {
             return Err(g);
         }
-        at += len;
     }
     Ok(())
 }

@@ -1,0 +1,195 @@
+//! The CLI against real files: b3sum agreement, round trips, tampering and errors.
+
+use std::fs;
+
+use crate::util::*;
+
+#[test]
+fn add_matches_b3sum_and_cat_round_trips() {
+    let src = tempfile::tempdir().unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let paths: Vec<_> = INTERESTING_SIZES
+        .iter()
+        .map(|&n| write_file(src.path(), &format!("f{n}"), &data(n, n)))
+        .collect();
+    let mut add = swarmfs(store.path(), &["add"]);
+    add.args(&paths);
+    let sums = ok(add);
+    assert_eq!(sums, b3sum(&paths), "add prints exactly what b3sum prints");
+
+    // `swarmfs add f > sums && b3sum -c sums`
+    let sums_file = write_file(src.path(), "sums", sums.as_bytes());
+    let mut check = std::process::Command::new("b3sum");
+    check.arg("-c").arg(&sums_file);
+    ok(check);
+
+    for (line, path) in sums.lines().zip(&paths) {
+        let hash = &line[..64];
+        let out = run(swarmfs(store.path(), &["cat", hash]));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stdout == fs::read(path).unwrap(),
+            "cat of {} differs",
+            path.display()
+        );
+        // Upper case is accepted on the command line.
+        let out = run(swarmfs(store.path(), &["cat", &hash.to_uppercase()]));
+        assert!(out.status.success());
+    }
+
+    let ls = ok(swarmfs(store.path(), &["ls", "--json"]));
+    let ls: serde_json::Value = serde_json::from_str(&ls).unwrap();
+    let ls = ls.as_array().unwrap();
+    assert_eq!(ls.len(), INTERESTING_SIZES.len());
+    assert!(ls
+        .iter()
+        .all(|b| b["pinned"] == true && b["complete"] == true && b["size"] == b["present"]));
+}
+
+#[test]
+fn tampered_byte_is_named_and_never_printed() {
+    let src = tempfile::tempdir().unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let bytes = data((3 << 20) + 5, 7);
+    let path = write_file(src.path(), "f", &bytes);
+    let mut add = swarmfs(store.path(), &["add"]);
+    add.arg(&path);
+    let hash = ok(add)[..64].to_string();
+
+    // Flip one byte in block 70 (bytes 1146880..1163264) of the blob file on disk.
+    let blob = store.path().join("blobs").join(&hash);
+    let mut on_disk = fs::read(&blob).unwrap();
+    assert_eq!(
+        on_disk, bytes,
+        "a complete blob's file is exactly its content"
+    );
+    let at = 70 * 16384 + 1234;
+    on_disk[at] ^= 0x01;
+    fs::write(&blob, &on_disk).unwrap();
+
+    let out = run(swarmfs(store.path(), &["cat", &hash]));
+    assert!(!out.status.success(), "cat must fail on a corrupt blob");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("block 70 ") && err.contains("failed verification"),
+        "{err}"
+    );
+    assert!(
+        out.stdout.len() <= at,
+        "bytes at and after the bad block were printed"
+    );
+    assert!(
+        out.stdout[..] == bytes[..out.stdout.len()],
+        "what was printed is good"
+    );
+
+    let out = run(swarmfs(store.path(), &["verify", &hash]));
+    assert_eq!(out.status.code(), Some(1), "verify exits 1 on corruption");
+    let report = String::from_utf8_lossy(&out.stdout);
+    let corrupt: Vec<_> = report.lines().filter(|l| l.contains("CORRUPT")).collect();
+    assert_eq!(corrupt.len(), 1, "exactly one block named: {report}");
+    assert!(corrupt[0].contains("block 70 "), "{report}");
+
+    // The block was dropped: what is left verifies, and ls shows 16 KiB fewer bytes.
+    ok(swarmfs(store.path(), &["verify", &hash]));
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(swarmfs(store.path(), &["ls", "--json"]))).unwrap();
+    assert_eq!(ls[0]["present"], bytes.len() as u64 - 16384);
+    assert_eq!(ls[0]["complete"], false);
+    let err = fails(swarmfs(store.path(), &["cat", &hash]));
+    assert!(
+        err.contains("block 70 ") && err.contains("not held locally"),
+        "{err}"
+    );
+}
+
+#[test]
+fn errors_are_one_plain_line() {
+    let store = tempfile::tempdir().unwrap();
+    let d = store.path();
+    let one_line = |err: &str| assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+
+    let err = fails(swarmfs(d, &["cat", "not-a-hash"]));
+    assert!(err.contains("malformed hash \"not-a-hash\""), "{err}");
+    one_line(&err);
+
+    let unknown = "AB".repeat(32);
+    let err = fails(swarmfs(d, &["cat", &unknown]));
+    assert!(
+        err.contains(&format!("unknown blob {}", unknown.to_lowercase())),
+        "{err}"
+    );
+    one_line(&err);
+    let err = fails(swarmfs(d, &["pin", &unknown]));
+    assert!(err.contains("unknown blob"), "{err}");
+
+    let err = fails(swarmfs(d, &["add", "/nonexistent/file"]));
+    assert!(
+        err.contains("cannot read /nonexistent/file") && err.contains("No such file"),
+        "{err}"
+    );
+    one_line(&err);
+
+    let err = fails(swarmfs(d, &["add", "/tmp"]));
+    assert!(err.contains("/tmp: is a directory"), "{err}");
+
+    // Hold the store in this process: the CLI must name us.
+    let held = swarmfs::Store::open(d, Default::default()).unwrap();
+    let err = fails(swarmfs(d, &["ls"]));
+    assert!(
+        err.contains("in use by another swarmfs process")
+            && err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    one_line(&err);
+    drop(held);
+    ok(swarmfs(d, &["ls"]));
+}
+
+#[test]
+fn pin_unpin_gc_through_the_cli() {
+    let src = tempfile::tempdir().unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let d = store.path();
+    let a = write_file(src.path(), "a", &data(1 << 20, 1));
+    let b = write_file(src.path(), "b", &data(1 << 20, 2));
+    let mut add = swarmfs(d, &["add"]);
+    add.arg(&a).arg(&b);
+    let sums = ok(add);
+    let (ha, hb) = (&sums[..64], &sums.lines().nth(1).unwrap()[..64]);
+    ok(swarmfs(d, &["unpin", ha]));
+    // A cap of 1.5 MiB: gc must evict a (unpinned) and keep b (pinned).
+    let out = ok(swarmfs(d, &["--cache-size", "1536K", "gc"]));
+    assert!(out.contains(&format!("evicted {ha}")), "{out}");
+    let ls = ok(swarmfs(d, &["ls"]));
+    assert!(!ls.contains(ha) && ls.contains(hb), "{ls}");
+    // The cap is remembered.
+    let out = ok(swarmfs(d, &["gc"]));
+    assert!(out.contains("of 1572864 bytes"), "{out}");
+}
+
+#[test]
+fn help_shows_an_example_for_each_command() {
+    let help = ok({
+        let mut c = bin();
+        c.arg("--help");
+        c
+    });
+    for cmd in ["add", "cat", "ls", "pin", "unpin", "gc", "verify"] {
+        assert!(
+            help.contains(&format!("swarmfs {cmd}"))
+                || help.contains(&format!("swarmfs --cache-size 20G {cmd}")),
+            "no example for {cmd}"
+        );
+        let sub = ok({
+            let mut c = bin();
+            c.args([cmd, "--help"]);
+            c
+        });
+        assert!(sub.contains("Example:"), "{cmd} --help has no example");
+    }
+}

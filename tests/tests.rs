@@ -1,0 +1,9 @@
+//! The integration tests: one binary, real files in temp directories, the real CLI.
+// A request for one run of groups is a list of one range.
+#![allow(clippy::single_range_in_vec_init)]
+
+mod util;
+
+mod cli;
+mod crash;
+mod store;
