@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::Serialize;
 
 use crate::hash::Hash;
-use crate::tree::GROUP_SIZE;
+use crate::tree::{Tree, GROUP_SIZE};
 use meta::{key, lru_key, Meta, TAG_INLINE, TAG_LRU, TAG_META, TAG_PRESENT};
 pub use present::Present;
 pub use read::BlobReader;
@@ -116,6 +116,9 @@ pub struct BlobInfo {
     pub present: u64,
     pub pinned: bool,
     pub complete: bool,
+    /// The size shapes the tree, so a claimed size is only trusted once the blob's last group
+    /// verified under it; true for every complete blob.
+    pub size_verified: bool,
 }
 
 /// How to open a store.
@@ -312,9 +315,17 @@ impl Store {
     /// The index entry as shown to users; an open partial blob counts the groups written
     /// since its last flush too.
     fn blob_info(&self, hash: Hash, m: &Meta) -> BlobInfo {
-        let present = match self.partials_lock().get(&hash) {
-            Some(p) => p.lock().unwrap_or_else(|e| e.into_inner()).present_bytes(),
-            None => m.present,
+        let last = Tree::new(m.size).groups() - 1;
+        let (present, size_verified) = match self.open_partial(&hash) {
+            Some(p) => {
+                let p = p.lock().unwrap_or_else(|e| e.into_inner());
+                (p.present_bytes(), p.has(last))
+            }
+            None if m.complete => (m.present, true),
+            None => (
+                m.present,
+                self.present_groups(&hash).is_ok_and(|p| p.contains(last)),
+            ),
         };
         BlobInfo {
             hash,
@@ -322,6 +333,7 @@ impl Store {
             present,
             pinned: m.pinned,
             complete: m.complete,
+            size_verified,
         }
     }
 
@@ -424,15 +436,9 @@ impl Store {
                 continue;
             }
             tracing::info!(hash = %h, bytes = m.present, "evicting");
+            evicted.push(self.blob_info(h, &m));
             self.remove_entry(&h, &m)?;
             self.used.fetch_sub(m.present, Ordering::Relaxed);
-            evicted.push(BlobInfo {
-                hash: h,
-                size: m.size,
-                present: m.present,
-                pinned: false,
-                complete: m.complete,
-            });
         }
         Ok(evicted)
     }
@@ -450,6 +456,12 @@ impl Store {
         }
         self.db.flush().map_err(|e| self.db_err(e))?;
         Ok(())
+    }
+
+    /// The open partial blob for `h`, if any. The map's lock is released before the caller
+    /// locks the blob, so the map is never held while waiting.
+    pub(crate) fn open_partial(&self, h: &Hash) -> Option<Arc<Mutex<partial::Partial>>> {
+        self.partials_lock().get(h).cloned()
     }
 
     fn partials_lock(&self) -> MutexGuard<'_, HashMap<Hash, Arc<Mutex<partial::Partial>>>> {

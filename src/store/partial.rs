@@ -34,6 +34,11 @@ pub(crate) struct Partial {
 }
 
 impl Partial {
+    /// True if group `g` is present.
+    pub(crate) fn has(&self, g: u64) -> bool {
+        self.present.contains(g)
+    }
+
     /// The bytes held in the present groups.
     pub(crate) fn present_bytes(&self) -> u64 {
         present_bytes(&self.tree, &self.present)
@@ -54,7 +59,7 @@ fn present_bytes(tree: &Tree, p: &Present) -> u64 {
 impl Store {
     /// The present-set of a blob (full for a complete one).
     pub fn present_groups(&self, h: &Hash) -> Result<Present> {
-        if let Some(p) = self.partials_lock().get(h) {
+        if let Some(p) = self.open_partial(h) {
             return Ok(p.lock().unwrap_or_else(|e| e.into_inner()).present.clone());
         }
         let m = self.meta(h)?.ok_or(StoreError::NotFound(*h))?;
@@ -77,7 +82,7 @@ impl Store {
 
     /// The open partial blob for `h`, created with `size` if the store has none.
     fn partial(&self, h: &Hash, size: u64) -> Result<Arc<Mutex<Partial>>> {
-        if let Some(p) = self.partials_lock().get(h) {
+        if let Some(p) = self.open_partial(h) {
             let known = p.lock().unwrap_or_else(|e| e.into_inner()).tree.size();
             if known != size {
                 return Err(StoreError::SizeMismatch {
@@ -89,6 +94,10 @@ impl Store {
             return Ok(p.clone());
         }
         let _w = self.lock_write();
+        // Another thread may have opened it while this one waited for the lock.
+        if let Some(p) = self.open_partial(h) {
+            return Ok(p);
+        }
         let old = self.meta(h)?;
         if let Some(m) = &old {
             if m.size != size {
@@ -284,14 +293,24 @@ impl Store {
         if m.inline {
             return self.remove(h);
         }
-        let mut present = self.present_groups(h)?;
-        for &g in bad {
-            present.remove(g);
-        }
+        // Lock order: a partial blob's lock before the write lock, never the other way.
+        let present = match self.open_partial(h) {
+            Some(p) => {
+                let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+                for &g in bad {
+                    p.present.remove(g);
+                }
+                p.present.clone()
+            }
+            None => {
+                let mut present = self.present_groups(h)?;
+                for &g in bad {
+                    present.remove(g);
+                }
+                present
+            }
+        };
         let _w = self.lock_write();
-        if let Some(p) = self.partials_lock().get(h) {
-            p.lock().unwrap_or_else(|e| e.into_inner()).present = present.clone();
-        }
         let mut new = *m;
         new.complete = false;
         new.present = present_bytes(&tree, &present);
