@@ -15,6 +15,7 @@
 pub mod bao;
 pub mod cli;
 pub mod hash;
+pub mod names;
 pub mod store;
 pub mod tree;
 

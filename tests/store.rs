@@ -273,3 +273,49 @@ fn concurrent_range_writers_and_readers() {
     dst.cat(&h, &mut out).unwrap();
     assert!(out == bytes);
 }
+
+/// Staged files: sequential writes hash as they stream; random writes, holes and truncation
+/// fall back to hashing at commit. Either way the hash is the content's.
+#[test]
+fn staged_files_hash_to_their_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for &size in INTERESTING_SIZES {
+        let bytes = data(size, 31);
+        // Sequential, in odd-sized writes.
+        let mut s = store.stage().unwrap();
+        let mut off = 0;
+        for piece in bytes.chunks(7919) {
+            s.write_at(off, piece).unwrap();
+            off += piece.len() as u64;
+        }
+        assert_eq!(
+            store.commit_staged(s, true).unwrap(),
+            (Hash::of(&bytes), size)
+        );
+        // Backwards, in 5000-byte writes, then a truncate that cuts 3 bytes.
+        let mut s = store.stage().unwrap();
+        let mut end = size;
+        while end > 0 {
+            let start = end.saturating_sub(5000);
+            s.write_at(start, &bytes[start as usize..end as usize])
+                .unwrap();
+            end = start;
+        }
+        let cut = size.saturating_sub(3);
+        s.set_len(cut).unwrap();
+        let (h, n) = store.commit_staged(s, false).unwrap();
+        assert_eq!((h, n), (Hash::of(&bytes[..cut as usize]), cut));
+        let mut out = Vec::new();
+        store.cat(&h, &mut out).unwrap();
+        assert!(out == bytes[..cut as usize]);
+    }
+    // A copy of a blob's prefix, then an append: still one streaming pass.
+    let bytes = data(100_000, 5);
+    let (h, _) = store.import_reader(&bytes[..], false).unwrap();
+    let mut s = store.stage_from(&h, 50_000).unwrap();
+    s.write_at(50_000, b"tail").unwrap();
+    let mut want = bytes[..50_000].to_vec();
+    want.extend_from_slice(b"tail");
+    assert_eq!(store.commit_staged(s, true).unwrap().0, Hash::of(&want));
+}

@@ -14,7 +14,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use super::meta::{key, Meta, TAG_INLINE, TAG_PRESENT};
 use super::{IoContext, Result, Store, StoreError, INLINE_MAX};
 use crate::hash::Hash;
-use crate::tree::{OutboardBuilder, PAIR_SIZE};
+use crate::tree::{OutboardBuilder, GROUP_SIZE, PAIR_SIZE};
 
 const BUF_SIZE: usize = 1 << 20;
 const BUFS: usize = 4;
@@ -224,4 +224,169 @@ fn write_stage(
         let _ = free.send(buf);
     }
     Ok(())
+}
+
+/// Writes pairs into an outboard file; boxed so a `Staging` can own its builder.
+type FileSink = Box<dyn FnMut(u64, &[u8; 64]) -> io::Result<()> + Send>;
+
+fn file_sink(f: &File) -> io::Result<FileSink> {
+    let f = f.try_clone()?;
+    Ok(Box::new(move |slot, pair: &[u8; 64]| {
+        f.write_all_at(pair, slot * PAIR_SIZE)
+    }))
+}
+
+/// A file being written (through the mount): bytes land in a temp file at any offset, and
+/// while the writes stay sequential from offset 0 the hash and outboard are computed as the
+/// data streams in, so committing needs no second read. A write anywhere else, or a
+/// truncation into what was hashed, drops the running hash; `commit_staged` then hashes the
+/// file in one pass.
+pub struct Staging {
+    data: TempFile,
+    ob: TempFile,
+    builder: Option<OutboardBuilder<FileSink>>,
+    /// Bytes fed to the builder: whole groups only.
+    hashed: u64,
+    /// Bytes after `hashed`, written sequentially but not yet a whole group.
+    tail: Vec<u8>,
+    len: u64,
+}
+
+impl Staging {
+    /// The file's current length.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True if nothing has been written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes `data` at `off`.
+    pub fn write_at(&mut self, off: u64, data: &[u8]) -> io::Result<()> {
+        self.data.file.write_all_at(data, off)?;
+        self.len = self.len.max(off + data.len() as u64);
+        let at_end = off == self.hashed + self.tail.len() as u64;
+        if let Some(b) = self.builder.as_mut().filter(|_| at_end) {
+            self.tail.extend_from_slice(data);
+            let whole = self.tail.len() / GROUP_SIZE as usize * GROUP_SIZE as usize;
+            if whole > 0 {
+                b.push_all(&self.tail[..whole])?;
+                self.hashed += whole as u64;
+                self.tail.drain(..whole);
+            }
+        } else if self.builder.is_some() {
+            tracing::debug!(
+                off,
+                "write is not sequential; the hash is computed at close"
+            );
+            self.builder = None;
+        }
+        Ok(())
+    }
+
+    /// Truncates or extends the file to `len` bytes.
+    pub fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.data.file.set_len(len)?;
+        if len >= self.hashed && len <= self.hashed + self.tail.len() as u64 {
+            self.tail.truncate((len - self.hashed) as usize);
+        } else {
+            self.builder = None;
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    /// Reads what was written, for readers of a file that is still open for writing.
+    pub fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let end = (off + buf.len() as u64).min(self.len);
+        if off >= end {
+            return Ok(0);
+        }
+        let n = (end - off) as usize;
+        self.data.file.read_exact_at(&mut buf[..n], off)?;
+        Ok(n)
+    }
+}
+
+impl Store {
+    /// Starts an empty staged file.
+    pub fn stage(&self) -> Result<Staging> {
+        let data = TempFile::create(self.tmp_path("stage"))?;
+        let ob = TempFile::create(self.tmp_path("obao"))?;
+        let sink = file_sink(&ob.file).ctx(|| "cannot open the staging outboard".into())?;
+        Ok(Staging {
+            data,
+            ob,
+            builder: Some(OutboardBuilder::new(sink)),
+            hashed: 0,
+            tail: Vec::new(),
+            len: 0,
+        })
+    }
+
+    /// Starts a staged file holding the first `len` bytes of blob `h` (verified).
+    pub fn stage_from(&self, h: &Hash, len: u64) -> Result<Staging> {
+        let mut s = self.stage()?;
+        let mut r = self.reader(h)?;
+        let mut off = 0;
+        let end = len.min(r.size());
+        while off < end {
+            let chunk = r.read_at(off, ((end - off) as usize).min(BUF_SIZE))?;
+            s.write_at(off, &chunk)
+                .ctx(|| "cannot write the staging file".into())?;
+            off += chunk.len() as u64;
+        }
+        Ok(s)
+    }
+
+    /// Stores a staged file as a blob, pinned if `pin`, and returns its hash and size.
+    pub fn commit_staged(&self, mut s: Staging, pin: bool) -> Result<(Hash, u64)> {
+        let size = s.len;
+        let streamed = s
+            .builder
+            .take()
+            .filter(|_| s.hashed + s.tail.len() as u64 == size);
+        let hash = match streamed {
+            Some(mut b) => {
+                b.push_all(&s.tail)
+                    .ctx(|| "cannot write the staging outboard".into())?;
+                b.finish()
+                    .ctx(|| "cannot write the staging outboard".into())?
+            }
+            None => {
+                // Hash the file in one pass into a fresh outboard.
+                s.ob.file
+                    .set_len(0)
+                    .ctx(|| "cannot reset the staging outboard".into())?;
+                let sink =
+                    file_sink(&s.ob.file).ctx(|| "cannot open the staging outboard".into())?;
+                let mut b = OutboardBuilder::new(sink);
+                let mut buf = vec![0u8; BUF_SIZE];
+                let mut off = 0;
+                while off < size {
+                    let n = ((size - off) as usize).min(BUF_SIZE);
+                    s.data
+                        .file
+                        .read_exact_at(&mut buf[..n], off)
+                        .ctx(|| "cannot read the staging file".into())?;
+                    b.push_all(&buf[..n])
+                        .ctx(|| "cannot write the staging outboard".into())?;
+                    off += n as u64;
+                }
+                b.finish()
+                    .ctx(|| "cannot write the staging outboard".into())?
+            }
+        };
+        let mut first = vec![0u8; size.min(INLINE_MAX) as usize];
+        if size <= INLINE_MAX {
+            s.data
+                .file
+                .read_exact_at(&mut first, 0)
+                .ctx(|| "cannot read the staging file".into())?;
+        }
+        self.commit_import(hash, size, s.data, s.ob, first, pin)?;
+        Ok((hash, size))
+    }
 }

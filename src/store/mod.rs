@@ -33,6 +33,7 @@ use serde::Serialize;
 
 use crate::hash::Hash;
 use crate::tree::{Tree, GROUP_SIZE};
+pub use import::Staging;
 use meta::{key, lru_key, Meta, TAG_INLINE, TAG_LRU, TAG_META, TAG_PRESENT};
 pub use present::Present;
 pub use read::BlobReader;
@@ -188,6 +189,12 @@ impl Store {
         }
         store.recover()?;
         Ok(store)
+    }
+
+    /// Another tree in the same index database, for state that lives beside the blobs (the
+    /// mount's names).
+    pub fn open_tree(&self, name: &str) -> Result<sled::Tree> {
+        self.db.open_tree(name).map_err(|e| self.db_err(e))
     }
 
     /// The data directory.
