@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
@@ -24,6 +24,9 @@ Examples:
   swarmfs pin HASH / swarmfs unpin HASH    keep a blob, or let gc evict it
   swarmfs --cache-size 20G gc              evict unpinned blobs beyond 20 GiB
   swarmfs verify                           re-hash everything held locally
+  swarmfs mount ~/swarm                    mount; copy files in, open blobs by hash
+
+While a daemon runs, every command goes through its control socket.
 
 Logs go to stderr; set RUST_LOG=debug (or info, warn) for more or less.";
 
@@ -76,6 +79,25 @@ pub enum Command {
     /// Evict unpinned blobs, least recently used first, until the cache fits its cap
     #[command(after_help = "Example:\n  swarmfs --cache-size 5G gc")]
     Gc,
+    /// Run the daemon in the foreground with DIR mounted (same as `daemon --mount DIR`)
+    #[command(
+        after_help = "Example:\n  mkdir -p ~/swarm && swarmfs mount ~/swarm\n  (then, in another shell) cp film.mkv ~/swarm/ && getfattr -n user.swarmfs.hash ~/swarm/film.mkv"
+    )]
+    Mount {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        #[command(flatten)]
+        opts: DaemonArgs,
+    },
+    /// Run the daemon in the foreground; CLI commands go through it while it runs
+    #[command(after_help = "Example:\n  swarmfs daemon --mount ~/swarm")]
+    Daemon {
+        /// Mount the filesystem at DIR
+        #[arg(long, value_name = "DIR")]
+        mount: Option<PathBuf>,
+        #[command(flatten)]
+        opts: DaemonArgs,
+    },
     /// Re-hash local data, report corrupt blocks and drop them; exits 1 if any were corrupt
     #[command(
         after_help = "Example:\n  swarmfs verify            (every blob)\n  swarmfs verify 1f0e...9a3c"
@@ -84,6 +106,17 @@ pub enum Command {
         #[arg(value_name = "HASH")]
         hashes: Vec<String>,
     },
+}
+
+/// Options of the daemon.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DaemonArgs {
+    /// Seconds a lookup of a hash that is not local may wait for a peer
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub lookup_timeout: u64,
+    /// Serve every read through the daemon, never by FUSE passthrough
+    #[arg(long)]
+    pub no_passthrough: bool,
 }
 
 /// Parses a byte count such as `1048576`, `512K`, `500M`, `20G` or `1T` (powers of 1024).
@@ -134,41 +167,135 @@ fn parse_hash(s: &str) -> Result<Hash> {
     Ok(s.parse::<Hash>()?)
 }
 
-/// Runs a parsed command line.
+/// Runs a parsed command line: the daemon, or a command (through a running daemon if there
+/// is one, else on the store directly). Returns the exit code.
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let dir = match &cli.data_dir {
         Some(d) => d.clone(),
         None => default_data_dir()?,
     };
-    // Check hashes before touching the store, so a typo costs nothing.
-    let hashes = match &cli.command {
-        Command::Cat { hash } => vec![parse_hash(hash)?],
-        Command::Pin { hashes } | Command::Unpin { hashes } | Command::Verify { hashes } => hashes
-            .iter()
-            .map(|h| parse_hash(h))
-            .collect::<Result<_>>()?,
-        _ => Vec::new(),
+    let daemon = |mount: Option<PathBuf>, opts: &DaemonArgs| {
+        crate::daemon::run(crate::daemon::DaemonOptions {
+            data_dir: dir.clone(),
+            mount,
+            cache_size: cli.cache_size,
+            lookup_timeout: std::time::Duration::from_secs(opts.lookup_timeout),
+            passthrough: !opts.no_passthrough,
+        })
+        .map(|()| ExitCode::SUCCESS)
     };
+    match &cli.command {
+        Command::Mount { dir: m, opts } => return daemon(Some(m.clone()), opts),
+        Command::Daemon { mount, opts } => return daemon(mount.clone(), opts),
+        _ => {}
+    }
+    // Check hashes before anything else, so a typo costs nothing.
+    hashes(&cli.command)?;
+    if let Some(code) = crate::control::forward(&dir, forward_args(&cli)?).with_context(|| {
+        format!(
+            "cannot talk to the daemon at {}",
+            crate::control::socket_path(&dir).display()
+        )
+    })? {
+        return Ok(ExitCode::from(code));
+    }
     let store = Store::open(
         &dir,
         store::Options {
             cache_size: cli.cache_size,
         },
     )?;
-    let mut out = io::stdout().lock();
-    match cli.command {
-        Command::Add { paths } => add(&store, &paths, cli.json, &mut out),
-        Command::Cat { .. } => cat(&store, &hashes[0]),
-        Command::Ls => ls(&store, cli.json, &mut out),
+    // Plain files on fds 1 and 2 (dups): big writes without line buffering, and Send.
+    let mut out = io::BufWriter::with_capacity(
+        1 << 16,
+        std::fs::File::from(io::stdout().as_fd().try_clone_to_owned()?),
+    );
+    let mut err = std::fs::File::from(io::stderr().as_fd().try_clone_to_owned()?);
+    let code = execute(&store, &cli, &mut out, &mut err);
+    match out.flush() {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(e.into()),
+        _ => {}
+    }
+    Ok(ExitCode::from(code?))
+}
+
+/// The command line to send to the daemon: the same command, with paths made absolute.
+fn forward_args(cli: &Cli) -> Result<Vec<String>> {
+    let mut a = Vec::new();
+    if cli.json {
+        a.push("--json".to_string());
+    }
+    if let Some(c) = cli.cache_size {
+        a.push(format!("--cache-size={c}"));
+    }
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    match &cli.command {
+        Command::Add { paths } => {
+            a.push("add".into());
+            a.push("--".into());
+            for p in paths {
+                a.push(cwd.join(p).to_string_lossy().into_owned());
+            }
+        }
+        Command::Cat { hash } => a.extend(["cat".into(), "--".into(), hash.clone()]),
+        Command::Ls => a.push("ls".into()),
+        Command::Gc => a.push("gc".into()),
+        Command::Pin { hashes } | Command::Unpin { hashes } | Command::Verify { hashes } => {
+            a.push(
+                match cli.command {
+                    Command::Pin { .. } => "pin",
+                    Command::Unpin { .. } => "unpin",
+                    _ => "verify",
+                }
+                .into(),
+            );
+            a.push("--".into());
+            a.extend(hashes.iter().cloned());
+        }
+        Command::Mount { .. } | Command::Daemon { .. } => unreachable!("handled before"),
+    }
+    Ok(a)
+}
+
+/// The hashes a command names, parsed.
+fn hashes(cmd: &Command) -> Result<Vec<Hash>> {
+    match cmd {
+        Command::Cat { hash } => Ok(vec![parse_hash(hash)?]),
+        Command::Pin { hashes } | Command::Unpin { hashes } | Command::Verify { hashes } => {
+            hashes.iter().map(|h| parse_hash(h)).collect()
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// Runs a store command with output to `out` and per-item errors to `err`; the offline CLI
+/// and the daemon's control socket both call this. Returns the exit code.
+pub fn execute(
+    store: &Store,
+    cli: &Cli,
+    out: &mut (dyn Write + Send),
+    err: &mut dyn Write,
+) -> Result<u8> {
+    let hashes = hashes(&cli.command)?;
+    if let Some(c) = cli.cache_size {
+        store.set_cache_size(c)?;
+    }
+    match &cli.command {
+        Command::Add { paths } => add(store, paths, cli.json, out, err),
+        Command::Cat { .. } => cat(store, &hashes[0], out),
+        Command::Ls => ls(store, cli.json, out),
         Command::Pin { .. } | Command::Unpin { .. } => {
             let pin = matches!(cli.command, Command::Pin { .. });
             for h in &hashes {
                 store.set_pinned(h, pin)?;
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(0)
         }
-        Command::Gc => gc(&store, cli.json, &mut out),
-        Command::Verify { .. } => verify(&store, hashes, cli.json, &mut out),
+        Command::Gc => gc(store, cli.json, out),
+        Command::Verify { .. } => verify(store, hashes, cli.json, out),
+        Command::Mount { .. } | Command::Daemon { .. } => {
+            bail!("a daemon is already running for this data directory")
+        }
     }
 }
 
@@ -189,7 +316,13 @@ struct Added<'a> {
     path: &'a Path,
 }
 
-fn add(store: &Store, paths: &[PathBuf], json: bool, out: &mut dyn Write) -> Result<ExitCode> {
+fn add(
+    store: &Store,
+    paths: &[PathBuf],
+    json: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<u8> {
     let mut failed = false;
     let mut added = Vec::new();
     for p in paths {
@@ -207,7 +340,7 @@ fn add(store: &Store, paths: &[PathBuf], json: bool, out: &mut dyn Write) -> Res
                 }
             }
             Err(e @ (StoreError::Io { .. } | StoreError::IsDir { .. })) => {
-                eprintln!("swarmfs: {:#}", anyhow::Error::from(e));
+                writeln!(err, "swarmfs: {:#}", anyhow::Error::from(e))?;
                 failed = true;
             }
             Err(e) => return Err(e.into()),
@@ -217,33 +350,25 @@ fn add(store: &Store, paths: &[PathBuf], json: bool, out: &mut dyn Write) -> Res
         serde_json::to_writer_pretty(&mut *out, &added)?;
         writeln!(out)?;
     }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(failed as u8)
 }
 
-fn cat(store: &Store, h: &Hash) -> Result<ExitCode> {
-    // A plain file on fd 1 (a dup): big writes without Stdout's line buffering, and Send.
-    let mut stdout = std::fs::File::from(io::stdout().as_fd().try_clone_to_owned()?);
-    match store.cat(h, &mut stdout) {
-        Ok(_) => Ok(ExitCode::SUCCESS),
+fn cat(store: &Store, h: &Hash, out: &mut (dyn Write + Send)) -> Result<u8> {
+    match store.cat(h, out) {
+        Ok(_) => Ok(0),
         // The reader went away (`swarmfs cat H | head`): not an error worth a word.
-        Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::BrokenPipe => {
-            Ok(ExitCode::SUCCESS)
-        }
+        Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::BrokenPipe => Ok(0),
         Err(e) => Err(e.into()),
     }
 }
 
-fn ls(store: &Store, json: bool, out: &mut dyn Write) -> Result<ExitCode> {
+fn ls(store: &Store, json: bool, out: &mut dyn Write) -> Result<u8> {
     let mut list = store.list()?;
     list.sort_by_key(|b| b.hash);
     if json {
         serde_json::to_writer_pretty(&mut *out, &list)?;
         writeln!(out)?;
-        return Ok(ExitCode::SUCCESS);
+        return Ok(0);
     }
     if io::stdout().is_terminal() {
         writeln!(
@@ -260,10 +385,10 @@ fn ls(store: &Store, json: bool, out: &mut dyn Write) -> Result<ExitCode> {
             b.hash, b.size, b.present
         )?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
-fn gc(store: &Store, json: bool, out: &mut dyn Write) -> Result<ExitCode> {
+fn gc(store: &Store, json: bool, out: &mut dyn Write) -> Result<u8> {
     let evicted = store.gc()?;
     if json {
         serde_json::to_writer_pretty(&mut *out, &evicted)?;
@@ -279,7 +404,7 @@ fn gc(store: &Store, json: bool, out: &mut dyn Write) -> Result<ExitCode> {
             store.cache_size()
         )?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
 #[derive(Serialize)]
@@ -289,12 +414,7 @@ struct Verified {
     corrupt: Vec<u64>,
 }
 
-fn verify(
-    store: &Store,
-    mut hashes: Vec<Hash>,
-    json: bool,
-    out: &mut dyn Write,
-) -> Result<ExitCode> {
+fn verify(store: &Store, mut hashes: Vec<Hash>, json: bool, out: &mut dyn Write) -> Result<u8> {
     if hashes.is_empty() {
         hashes = store.list()?.into_iter().map(|b| b.hash).collect();
     }
@@ -317,9 +437,5 @@ fn verify(
         writeln!(out)?;
     }
     let bad = report.iter().any(|r| !r.corrupt.is_empty());
-    Ok(if bad {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(bad as u8)
 }

@@ -14,6 +14,9 @@
 
 pub mod bao;
 pub mod cli;
+pub mod control;
+pub mod daemon;
+pub mod fs;
 pub mod hash;
 pub mod names;
 pub mod store;

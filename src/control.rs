@@ -1,0 +1,199 @@
+//! The control socket: while a daemon runs, CLI commands run inside it.
+//!
+//! `DATA_DIR/control.sock`, mode 0600. The client sends one line of JSON, the arguments of
+//! the command (paths made absolute); the daemon runs the same code the offline CLI runs and
+//! streams back frames, `[tag: u8][len: u32 LE][bytes]`:
+//!
+//! - tag 1: bytes for stdout
+//! - tag 2: bytes for stderr
+//! - tag 3: the exit code (one byte); the last frame
+//!
+//! So output, errors and exit codes are exactly those of the offline CLI.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+use crate::cli::{self, Cli};
+use crate::store::Store;
+
+const STDOUT: u8 = 1;
+const STDERR: u8 = 2;
+const EXIT: u8 = 3;
+/// Largest request line accepted.
+const MAX_REQUEST: u64 = 1 << 20;
+
+/// The request: the command line to run.
+#[derive(Serialize, Deserialize)]
+struct Request {
+    args: Vec<String>,
+}
+
+/// The socket's path in a data directory.
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("control.sock")
+}
+
+/// Writes one stream of frames.
+struct FrameWriter {
+    stream: UnixStream,
+    tag: u8,
+}
+
+impl Write for FrameWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(u32::MAX as usize);
+        let mut head = [0u8; 5];
+        head[0] = self.tag;
+        head[1..].copy_from_slice(&(n as u32).to_le_bytes());
+        self.stream.write_all(&head)?;
+        self.stream.write_all(&buf[..n])?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// Serves the socket until the listener is closed; one thread per connection.
+pub struct Server {
+    path: PathBuf,
+}
+
+impl Server {
+    /// Binds `DATA_DIR/control.sock` (replacing a stale one: the caller holds the store lock,
+    /// so no live daemon owns it) and starts serving `store`.
+    pub fn start(store: Arc<Store>) -> io::Result<Server> {
+        let path = socket_path(store.dir());
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    match conn {
+                        Ok(conn) => {
+                            let store = store.clone();
+                            let _ = std::thread::Builder::new()
+                                .name("control-conn".into())
+                                .spawn(move || serve(conn, &store));
+                        }
+                        Err(e) => tracing::warn!("control socket: {e}"),
+                    }
+                }
+            })?;
+        Ok(Server { path })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(conn: UnixStream, store: &Store) {
+    let res = (|| -> io::Result<()> {
+        let mut line = String::new();
+        BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line)?;
+        let req: Request = serde_json::from_str(&line).map_err(io::Error::other)?;
+        let mut out = FrameWriter {
+            stream: conn.try_clone()?,
+            tag: STDOUT,
+        };
+        let mut err = FrameWriter {
+            stream: conn.try_clone()?,
+            tag: STDERR,
+        };
+        let code = match Cli::try_parse_from(std::iter::once("swarmfs".to_string()).chain(req.args))
+        {
+            Ok(cli) => match cli::execute(store, &cli, &mut out, &mut err) {
+                Ok(code) => code,
+                Err(e) => {
+                    writeln!(err, "swarmfs: {e:#}")?;
+                    1
+                }
+            },
+            Err(e) => {
+                write!(err, "{}", e.render())?;
+                2
+            }
+        };
+        out.flush()?;
+        let mut s = conn;
+        s.write_all(&[EXIT, 1, 0, 0, 0, code])?;
+        Ok(())
+    })();
+    if let Err(e) = res {
+        tracing::debug!("control connection ended: {e}");
+    }
+}
+
+/// Runs `args` in the daemon that serves `data_dir`, relaying its output. Returns `None` when
+/// no daemon answers, so the caller opens the store itself.
+pub fn forward(data_dir: &Path, args: Vec<String>) -> io::Result<Option<u8>> {
+    let conn = match UnixStream::connect(socket_path(data_dir)) {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    let mut w = &conn;
+    let mut line = serde_json::to_string(&Request { args }).map_err(io::Error::other)?;
+    line.push('\n');
+    w.write_all(line.as_bytes())?;
+    let mut r = BufReader::with_capacity(1 << 20, &conn);
+    let mut stdout = io::stdout().lock();
+    let mut buf = Vec::new();
+    loop {
+        let mut head = [0u8; 5];
+        if let Err(e) = r.read_exact(&mut head) {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                return Err(io::Error::other(
+                    "the daemon closed the control connection without an exit code",
+                ));
+            }
+            return Err(e);
+        }
+        let len = u32::from_le_bytes(head[1..].try_into().expect("4 bytes")) as usize;
+        buf.resize(len, 0);
+        r.read_exact(&mut buf)?;
+        match head[0] {
+            STDOUT => {
+                if let Err(e) = stdout.write_all(&buf) {
+                    // `swarmfs cat H | head`: stop quietly, as the offline CLI does.
+                    if e.kind() == io::ErrorKind::BrokenPipe {
+                        return Ok(Some(0));
+                    }
+                    return Err(e);
+                }
+            }
+            STDERR => {
+                stdout.flush()?;
+                io::stderr().write_all(&buf)?;
+            }
+            EXIT => {
+                stdout.flush()?;
+                return Ok(Some(buf.first().copied().unwrap_or(1)));
+            }
+            t => {
+                return Err(io::Error::other(format!(
+                    "unknown frame {t} from the daemon"
+                )))
+            }
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The daemon: owns the store, the mount and the control socket, and shuts them down in order.
+//!
+//! Start-up: take the store (one daemon per data directory), clean up a stale mount that a
+//! killed daemon left, mount, serve the control socket.
+//!
+//! Shutdown, on SIGINT or SIGTERM: stop serving the control socket, unmount (lazily if a
+//! process still has a file open, so the daemon never hangs on it), then flush the names and
+//! the store. A second SIGINT exits at once.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use fuser::{Config, MountOption};
+
+use crate::control;
+use crate::fs::{FsOptions, NoSource, SwarmFs};
+use crate::names::Names;
+use crate::store::{self, Store};
+
+/// How the daemon runs.
+#[derive(Clone, Debug)]
+pub struct DaemonOptions {
+    pub data_dir: PathBuf,
+    pub mount: Option<PathBuf>,
+    pub cache_size: Option<u64>,
+    pub lookup_timeout: Duration,
+    pub passthrough: bool,
+}
+
+/// What is at the mount point before we mount.
+enum MountPoint {
+    Ready,
+    /// A FUSE mount whose daemon is gone: `stat` fails with ENOTCONN.
+    Stale,
+}
+
+fn check_mount_point(dir: &Path) -> Result<MountPoint> {
+    match std::fs::metadata(dir) {
+        Err(e) if e.raw_os_error() == Some(107) => Ok(MountPoint::Stale), // ENOTCONN
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!(
+                "mount point {} does not exist; create it first (mkdir -p {0})",
+                dir.display()
+            )
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot use mount point {}", dir.display())),
+        Ok(m) if !m.is_dir() => bail!("mount point {} is not a directory", dir.display()),
+        Ok(_) => {
+            if let Some(fstype) = mounted_at(dir)? {
+                bail!("{} is already a mount point ({fstype}); unmount it first or pick another directory", dir.display());
+            }
+            Ok(MountPoint::Ready)
+        }
+    }
+}
+
+/// The filesystem type mounted at `dir`, if something is.
+fn mounted_at(dir: &Path) -> Result<Option<String>> {
+    let dir = std::fs::canonicalize(dir)?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("cannot read /proc/self/mountinfo")?;
+    for line in info.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        // Field 4 is the mount point (octal-escaped); the type follows the " - " separator.
+        let Some(sep) = f.iter().position(|&x| x == "-") else {
+            continue;
+        };
+        let point = unescape(f.get(4).copied().unwrap_or_default());
+        if Path::new(&point) == dir {
+            return Ok(Some(
+                f.get(sep + 1).copied().unwrap_or("unknown").to_string(),
+            ));
+        }
+    }
+    Ok(None)
+}
+
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unmounts `dir` with fusermount3; `lazy` detaches even if files are open.
+fn fusermount_u(dir: &Path, lazy: bool) -> bool {
+    let mut c = Command::new("fusermount3");
+    c.arg(if lazy { "-uz" } else { "-u" }).arg(dir);
+    c.stderr(std::process::Stdio::null());
+    c.status().is_ok_and(|s| s.success())
+}
+
+/// Runs the daemon in the foreground until SIGINT or SIGTERM.
+pub fn run(opts: DaemonOptions) -> Result<()> {
+    let store = Arc::new(Store::open(
+        &opts.data_dir,
+        store::Options {
+            cache_size: opts.cache_size,
+        },
+    )?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(64)
+        .enable_all()
+        .thread_name("swarmfs")
+        .build()
+        .context("cannot start the runtime")?;
+
+    let (uid, gid) = crate::fs::own_ids();
+    let names = Arc::new(
+        Names::open(store.open_tree("names")?, uid, gid).context("cannot open the names table")?,
+    );
+
+    let mut session = None;
+    if let Some(dir) = &opts.mount {
+        if let MountPoint::Stale = check_mount_point(dir)? {
+            tracing::warn!(dir = %dir.display(), "cleaning up a stale mount left by a daemon that was killed");
+            if !fusermount_u(dir, true) {
+                bail!(
+                    "{} is a stale mount and `fusermount3 -uz` could not remove it",
+                    dir.display()
+                );
+            }
+            check_mount_point(dir)?;
+        }
+        let fs = SwarmFs::new(
+            store.clone(),
+            names.clone(),
+            Arc::new(NoSource),
+            rt.handle().clone(),
+            FsOptions {
+                lookup_timeout: opts.lookup_timeout,
+                passthrough: opts.passthrough,
+            },
+        );
+        let mut cfg = Config::default();
+        cfg.mount_options = vec![
+            MountOption::FSName("swarmfs".into()),
+            MountOption::Subtype("swarmfs".into()),
+            MountOption::DefaultPermissions,
+            MountOption::CUSTOM("max_read=1048576".into()),
+        ];
+        cfg.n_threads = Some(2);
+        let s = fuser::Session::new(fs, dir, &cfg)
+            .and_then(|s| s.spawn())
+            .with_context(|| format!("cannot mount {}", dir.display()))?;
+        session = Some(s);
+        raise_readahead(dir);
+        eprintln!(
+            "swarmfs: mounted {} (data in {}); Ctrl-C to unmount",
+            dir.display(),
+            opts.data_dir.display()
+        );
+    }
+    let control =
+        control::Server::start(store.clone()).context("cannot serve the control socket")?;
+
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        eprintln!("swarmfs: shutting down (Ctrl-C again to force)");
+        // A second Ctrl-C means "now".
+        tokio::spawn(async move {
+            int.recv().await;
+            eprintln!("swarmfs: forced exit");
+            std::process::exit(130);
+        });
+    });
+
+    drop(control);
+    if let (Some(s), Some(dir)) = (session, &opts.mount) {
+        if let Err(e) = s.umount_and_join() {
+            tracing::warn!("unmount: {e}; detaching lazily");
+            fusermount_u(dir, true);
+        }
+    }
+    names.flush().context("cannot flush the names table")?;
+    store.flush()?;
+    rt.shutdown_timeout(Duration::from_secs(2));
+    eprintln!("swarmfs: stopped");
+    Ok(())
+}
+
+/// The kernel caps FUSE read-ahead at 128 KiB at init; as root we can raise the mount's own
+/// limit to 1 MiB through sysfs. Best effort: without it reads are just smaller.
+fn raise_readahead(dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(dir) else {
+        return;
+    };
+    let dev = m.dev();
+    let (major, minor) = (
+        ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
+        (dev & 0xff) | ((dev >> 12) & !0xff),
+    );
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    match std::fs::write(&path, "1024") {
+        Ok(()) => tracing::info!("read-ahead raised to 1 MiB ({path})"),
+        Err(e) => tracing::info!("read-ahead stays at the kernel's default ({path}: {e})"),
+    }
+}

@@ -1,0 +1,542 @@
+//! The FUSE filesystem: `DIR/<hash>` for every local blob, and the user's own names.
+//!
+//! - `mod.rs` (this file): the state and the logic, as methods returning `Result<_, Errno>`.
+//! - `ops.rs`: the `fuser::Filesystem` impl, a thin layer that replies exactly once.
+//!
+//! Callbacks never wait on slow work: reads, writes, commits and anything else that touches
+//! blob bytes run on the tokio blocking pool and reply from there. Index lookups (sled, held
+//! in memory) are answered inline.
+//!
+//! Inode numbers: the root is 1, the user's names take numbers from the names table, and
+//! blobs get numbers from `HASH_INO_BASE` up, handed out as they are first looked up.
+
+mod ops;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, UNIX_EPOCH};
+
+use fuser::{BackingId, Errno, FileAttr, FileType, INodeNo};
+
+use crate::hash::Hash;
+use crate::names::{self, Kind, Names, NamesError, Node, ROOT};
+use crate::store::{BlobReader, Staging, Store, StoreError};
+
+/// Blob inode numbers start here, far above any the names table will reach.
+const HASH_INO_BASE: u64 = 1 << 48;
+/// Blobs never change, so the kernel may keep their entries and attributes for long.
+const HASH_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The user's names change only through us; a short TTL keeps other views honest.
+const NAME_TTL: Duration = Duration::from_secs(1);
+/// The extended attribute that tells a user file's hash.
+pub const HASH_XATTR: &str = "user.swarmfs.hash";
+
+/// Where blobs that are not local come from. The peer network fills this in; until then the
+/// answer is always "nobody has it".
+pub trait BlobSource: Send + Sync + 'static {
+    /// Finds blob `hash` elsewhere and returns its verified size, or `None` after at most
+    /// `timeout`.
+    fn find(&self, hash: &Hash, timeout: Duration) -> Option<u64>;
+}
+
+/// The source with no peers: every unknown hash is ENOENT at once.
+pub struct NoSource;
+
+impl BlobSource for NoSource {
+    fn find(&self, _hash: &Hash, _timeout: Duration) -> Option<u64> {
+        None
+    }
+}
+
+/// Options for the mount.
+#[derive(Clone, Debug)]
+pub struct FsOptions {
+    /// How long a lookup of an unknown hash may wait for `BlobSource::find`.
+    pub lookup_timeout: Duration,
+    /// Try FUSE passthrough for complete blobs.
+    pub passthrough: bool,
+}
+
+/// What an open file handle refers to.
+enum Handle {
+    /// `DIR/<hash>`; the reader is opened on the first read, off the FUSE thread.
+    Blob {
+        hash: Hash,
+        reader: Mutex<Option<BlobReader>>,
+        _backing: Option<Arc<BackingId>>,
+    },
+    /// A user file; `write` if opened for writing.
+    File {
+        ino: u64,
+        write: bool,
+        reader: Mutex<Option<(Hash, BlobReader)>>,
+        _backing: Option<Arc<BackingId>>,
+    },
+}
+
+/// A user file with at least one handle open for writing.
+struct OpenFile {
+    /// The new content, started on the first write or truncate.
+    staging: Option<Staging>,
+    /// Write handles open.
+    writers: usize,
+    /// Written since the last explicit mtime, so the commit stamps the time of writing.
+    touched: bool,
+}
+
+/// Blob inode numbers, both ways.
+#[derive(Default)]
+struct HashInos {
+    by_hash: HashMap<Hash, u64>,
+    by_ino: HashMap<u64, Hash>,
+}
+
+/// The filesystem's state, shared by the FUSE threads and the tasks they start.
+pub struct Inner {
+    store: Arc<Store>,
+    names: Arc<Names>,
+    source: Arc<dyn BlobSource>,
+    rt: tokio::runtime::Handle,
+    opts: FsOptions,
+    uid: u32,
+    gid: u32,
+    hash_inos: Mutex<HashInos>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<Mutex<OpenFile>>>>,
+    backing: Mutex<HashMap<u64, Weak<BackingId>>>,
+    /// The kernel agreed to passthrough (set in `init`).
+    passthrough: AtomicBool,
+}
+
+/// The filesystem handed to fuser.
+pub struct SwarmFs(Arc<Inner>);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl From<NamesError> for Errno {
+    fn from(e: NamesError) -> Errno {
+        match e {
+            NamesError::NotFound => Errno::ENOENT,
+            NamesError::Exists => Errno::EEXIST,
+            NamesError::NotEmpty => Errno::ENOTEMPTY,
+            NamesError::NotDir => Errno::ENOTDIR,
+            NamesError::IsDir => Errno::EISDIR,
+            NamesError::Invalid => Errno::EINVAL,
+            NamesError::Db(e) => {
+                tracing::error!("names index: {e}");
+                Errno::EIO
+            }
+        }
+    }
+}
+
+/// The errno for a store failure; every one that is not the caller's fault is logged.
+fn store_errno(e: StoreError) -> Errno {
+    match e {
+        StoreError::NotFound(_) => Errno::ENOENT,
+        StoreError::Io { what, source } => {
+            tracing::error!("{what}: {source}");
+            Errno::from(source)
+        }
+        e @ (StoreError::Corrupt { .. } | StoreError::Missing { .. }) => {
+            // The store has logged the block by name.
+            tracing::debug!("{e}");
+            Errno::EIO
+        }
+        e => {
+            tracing::error!("{e}");
+            Errno::EIO
+        }
+    }
+}
+
+fn io_errno(what: &str, e: std::io::Error) -> Errno {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        tracing::warn!("{what}: the disk is full");
+    } else {
+        tracing::error!("{what}: {e}");
+    }
+    Errno::from(e)
+}
+
+impl SwarmFs {
+    /// A filesystem over `store` and `names`; blocking work runs on `rt`.
+    pub fn new(
+        store: Arc<Store>,
+        names: Arc<Names>,
+        source: Arc<dyn BlobSource>,
+        rt: tokio::runtime::Handle,
+        opts: FsOptions,
+    ) -> SwarmFs {
+        let (uid, gid) = own_ids();
+        SwarmFs(Arc::new(Inner {
+            store,
+            names,
+            source,
+            rt,
+            opts,
+            uid,
+            gid,
+            hash_inos: Mutex::new(HashInos::default()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            open: Mutex::new(HashMap::new()),
+            backing: Mutex::new(HashMap::new()),
+            passthrough: AtomicBool::new(false),
+        }))
+    }
+}
+
+/// The daemon's own uid and gid (the owner of `/proc/self`).
+pub fn own_ids() -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map_or((0, 0), |m| (m.uid(), m.gid()))
+}
+
+impl Inner {
+    /// The inode number of blob `h`, handed out on first use.
+    fn hash_ino(&self, h: &Hash) -> u64 {
+        let mut t = lock(&self.hash_inos);
+        if let Some(&ino) = t.by_hash.get(h) {
+            return ino;
+        }
+        let ino = HASH_INO_BASE + t.by_hash.len() as u64;
+        t.by_hash.insert(*h, ino);
+        t.by_ino.insert(ino, *h);
+        ino
+    }
+
+    fn ino_hash(&self, ino: u64) -> Option<Hash> {
+        lock(&self.hash_inos).by_ino.get(&ino).copied()
+    }
+
+    /// The attributes of blob `h`, if it is held locally.
+    fn hash_attr(&self, h: &Hash) -> Result<Option<FileAttr>, Errno> {
+        let Some(info) = self.store.info(h).map_err(store_errno)? else {
+            return Ok(None);
+        };
+        Ok(Some(FileAttr {
+            ino: INodeNo(self.hash_ino(h)),
+            size: info.size,
+            blocks: info.present.div_ceil(512),
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: FileType::RegularFile,
+            perm: 0o444,
+            nlink: 1,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 128 * 1024,
+            flags: 0,
+        }))
+    }
+
+    /// The attributes of a user node; an open file reports its staged length.
+    fn node_attr(&self, ino: u64, n: &Node) -> FileAttr {
+        let size = match n.kind {
+            Kind::File => self
+                .open_file(ino)
+                .and_then(|o| lock(&o).staging.as_ref().map(Staging::len))
+                .unwrap_or(n.size),
+            Kind::Dir => 4096,
+            Kind::Symlink => n.target.len() as u64,
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: names::to_time(n.atime),
+            mtime: names::to_time(n.mtime),
+            ctime: names::to_time(n.ctime),
+            crtime: names::to_time(n.ctime),
+            kind: match n.kind {
+                Kind::File => FileType::RegularFile,
+                Kind::Dir => FileType::Directory,
+                Kind::Symlink => FileType::Symlink,
+            },
+            perm: n.perm as u16,
+            nlink: if n.kind == Kind::Dir { 2 } else { 1 },
+            uid: n.uid,
+            gid: n.gid,
+            rdev: 0,
+            blksize: 128 * 1024,
+            flags: 0,
+        }
+    }
+
+    /// Attributes and TTL for any inode.
+    fn attr(&self, ino: u64) -> Result<(FileAttr, Duration), Errno> {
+        if let Some(h) = self.ino_hash(ino) {
+            return self
+                .hash_attr(&h)?
+                .map(|a| (a, HASH_TTL))
+                .ok_or(Errno::ENOENT);
+        }
+        let n = self.names.get(ino)?.ok_or(Errno::ENOENT)?;
+        Ok((self.node_attr(ino, &n), NAME_TTL))
+    }
+
+    fn node(&self, ino: u64) -> Result<Node, Errno> {
+        self.names.get(ino)?.ok_or(Errno::ENOENT)
+    }
+
+    fn open_file(&self, ino: u64) -> Option<Arc<Mutex<OpenFile>>> {
+        lock(&self.open).get(&ino).cloned()
+    }
+
+    /// Names in the root that are blob names belong to the read-only hash namespace.
+    fn reserved(parent: u64, name: &OsStr) -> bool {
+        parent == ROOT && name.to_str().and_then(Hash::parse_lowercase).is_some()
+    }
+
+    fn new_fh(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, Arc::new(h));
+        fh
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>, Errno> {
+        lock(&self.handles).get(&fh).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// Runs `f` on the blocking pool. FUSE threads hand off every piece of slow work this way.
+    fn spawn(self: &Arc<Self>, f: impl FnOnce(&Arc<Inner>) + Send + 'static) {
+        let me = self.clone();
+        self.rt.spawn_blocking(move || f(&me));
+    }
+
+    /// Reads from a blob handle or a user file handle.
+    fn read(&self, h: &Handle, off: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        match h {
+            Handle::Blob { hash, reader, .. } => {
+                let mut r = lock(reader);
+                if r.is_none() {
+                    *r = Some(self.store.reader(hash).map_err(store_errno)?);
+                }
+                r.as_mut()
+                    .expect("just set")
+                    .read_at(off, size as usize)
+                    .map_err(store_errno)
+            }
+            Handle::File { ino, reader, .. } => {
+                if let Some(o) = self.open_file(*ino) {
+                    let o = lock(&o);
+                    if let Some(s) = &o.staging {
+                        let mut buf = vec![0u8; size as usize];
+                        let n = s
+                            .read_at(off, &mut buf)
+                            .map_err(|e| io_errno("reading a staged file", e))?;
+                        buf.truncate(n);
+                        return Ok(buf);
+                    }
+                }
+                let node = self.node(*ino)?;
+                let Some(hash) = node.hash else {
+                    return Ok(Vec::new());
+                };
+                let mut r = lock(reader);
+                if r.as_ref().is_none_or(|(h, _)| *h != hash) {
+                    *r = Some((hash, self.store.reader(&hash).map_err(store_errno)?));
+                }
+                let (_, r) = r.as_mut().expect("just set");
+                r.read_at(off, size as usize).map_err(store_errno)
+            }
+        }
+    }
+
+    /// The staged content of an open file, started from its committed content (the first
+    /// `keep` bytes of it) on the first change.
+    fn staging<'a>(
+        &self,
+        ino: u64,
+        o: &'a mut OpenFile,
+        keep: u64,
+    ) -> Result<&'a mut Staging, Errno> {
+        if o.staging.is_none() {
+            let node = self.node(ino)?;
+            let s = match node.hash {
+                Some(h) if node.size > 0 && keep > 0 => {
+                    self.store.stage_from(&h, keep.min(node.size))
+                }
+                _ => self.store.stage(),
+            }
+            .map_err(store_errno)?;
+            o.staging = Some(s);
+        }
+        Ok(o.staging.as_mut().expect("just set"))
+    }
+
+    /// Writes to an open user file.
+    fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<(), Errno> {
+        let o = self.open_file(ino).ok_or(Errno::EBADF)?;
+        let mut o = lock(&o);
+        o.touched = true;
+        let s = self.staging(ino, &mut o, u64::MAX)?;
+        s.write_at(off, data)
+            .map_err(|e| io_errno("writing a staged file", e))
+    }
+
+    /// Stores an open file's staged content as a blob, pins it, and points the name at it.
+    /// Nothing is published if this fails.
+    fn commit(&self, ino: u64, o: &mut OpenFile) -> Result<(), Errno> {
+        let Some(s) = o.staging.take() else {
+            // A new file closed without a write is the empty blob.
+            if self.node(ino)?.hash.is_none() {
+                let (h, _) = self
+                    .store
+                    .import_reader(&[][..], true)
+                    .map_err(store_errno)?;
+                self.names.update(ino, |n| n.hash = Some(h))?;
+            }
+            return Ok(());
+        };
+        let (h, size) = self.store.commit_staged(s, true).map_err(store_errno)?;
+        let touched = std::mem::take(&mut o.touched);
+        match self.names.update(ino, |n| {
+            n.hash = Some(h);
+            n.size = size;
+            if touched {
+                n.mtime = names::now_ns();
+                n.ctime = n.mtime;
+            }
+        }) {
+            Ok(_) => tracing::info!(hash = %h, size, ino, "stored a written file"),
+            // Unlinked while open: the blob is stored, there is just no name to point at it.
+            Err(NamesError::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    /// Changes a user file's length, whether or not it is open.
+    fn truncate(&self, ino: u64, len: u64) -> Result<(), Errno> {
+        let node = self.node(ino)?;
+        if node.kind != Kind::File {
+            return Err(Errno::EISDIR);
+        }
+        match self.open_file(ino) {
+            Some(o) => {
+                let mut o = lock(&o);
+                o.touched = true;
+                let s = self.staging(ino, &mut o, len)?;
+                s.set_len(len)
+                    .map_err(|e| io_errno("truncating a staged file", e))
+            }
+            None => {
+                let mut o = OpenFile {
+                    staging: None,
+                    writers: 0,
+                    touched: true,
+                };
+                let s = self.staging(ino, &mut o, len)?;
+                s.set_len(len)
+                    .map_err(|e| io_errno("truncating a staged file", e))?;
+                self.commit(ino, &mut o)
+            }
+        }
+    }
+
+    /// The backing file for passthrough of a complete blob, shared by all its open handles.
+    fn backing(&self, ino: u64, h: &Hash, reply: &fuser::ReplyOpen) -> Option<Arc<BackingId>> {
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut map = lock(&self.backing);
+        if let Some(id) = map.get(&ino).and_then(Weak::upgrade) {
+            return Some(id);
+        }
+        let path = self.store.complete_file(h).ok()??;
+        let file = std::fs::File::open(path).ok()?;
+        match reply.open_backing(&file) {
+            Ok(id) => {
+                let id = Arc::new(id);
+                map.insert(ino, Arc::downgrade(&id));
+                Some(id)
+            }
+            Err(e) => {
+                tracing::info!("passthrough is not available ({e}); reads go through the daemon");
+                self.passthrough.store(false, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// The entries of a folder: user names, then (in the root) the local blobs.
+    fn dir_entries(&self, ino: u64) -> Result<Vec<(u64, FileType, Vec<u8>)>, Errno> {
+        let node = self.node(ino)?;
+        if node.kind != Kind::Dir {
+            return Err(Errno::ENOTDIR);
+        }
+        let mut out = vec![
+            (ino, FileType::Directory, b".".to_vec()),
+            (node.parent, FileType::Directory, b"..".to_vec()),
+        ];
+        for (cino, c) in self.names.children(ino, 0)? {
+            let kind = match c.kind {
+                Kind::File => FileType::RegularFile,
+                Kind::Dir => FileType::Directory,
+                Kind::Symlink => FileType::Symlink,
+            };
+            out.push((cino, kind, c.name));
+        }
+        if ino == ROOT {
+            let mut blobs = self.store.list().map_err(store_errno)?;
+            blobs.sort_by_key(|b| b.hash);
+            for b in blobs {
+                out.push((
+                    self.hash_ino(&b.hash),
+                    FileType::RegularFile,
+                    b.hash.to_string().into_bytes(),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Looks up `name` in `parent`; blob names in the root ask the store, then the source.
+    fn lookup(&self, parent: u64, name: &OsStr) -> Result<(FileAttr, Duration), Errno> {
+        if parent == ROOT {
+            if let Some(h) = name.to_str().and_then(Hash::parse_lowercase) {
+                if let Some(a) = self.hash_attr(&h)? {
+                    return Ok((a, HASH_TTL));
+                }
+                return match self.source.find(&h, self.opts.lookup_timeout) {
+                    Some(_) => self
+                        .hash_attr(&h)?
+                        .map(|a| (a, HASH_TTL))
+                        .ok_or(Errno::ENOENT),
+                    None => Err(Errno::ENOENT),
+                };
+            }
+        }
+        let (ino, n) = self
+            .names
+            .lookup(parent, name.as_bytes())?
+            .ok_or(Errno::ENOENT)?;
+        Ok((self.node_attr(ino, &n), NAME_TTL))
+    }
+
+    /// The value of `user.swarmfs.hash` for an inode.
+    fn hash_of(&self, ino: u64) -> Result<Hash, Errno> {
+        if let Some(h) = self.ino_hash(ino) {
+            return Ok(h);
+        }
+        self.node(ino)?.hash.ok_or(Errno::ENODATA)
+    }
+
+    /// Makes the names durable; called at shutdown.
+    pub fn flush(&self) {
+        if let Err(e) = self.names.flush() {
+            tracing::error!("flushing names: {e}");
+        }
+    }
+}

@@ -1,0 +1,563 @@
+//! The `fuser::Filesystem` impl: each callback checks its arguments, hands slow work to the
+//! blocking pool, and replies exactly once.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use fuser::{
+    AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use super::{lock, Handle, Inner, OpenFile, SwarmFs, HASH_XATTR};
+use crate::names::{self, Kind, Node};
+
+/// Largest read and write we ask the kernel for.
+const MAX_IO: u32 = 1 << 20;
+
+fn ns(t: TimeOrNow) -> u64 {
+    let t = match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    };
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl SwarmFs {
+    fn entry(&self, ino: u64, reply: ReplyEntry) {
+        match self.0.attr(ino) {
+            Ok((a, ttl)) => reply.entry(&ttl, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// Creates a name in `parent`, unless it is a blob name in the root.
+    fn make(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        kind: Kind,
+        perm: u32,
+    ) -> Result<u64, Errno> {
+        if Inner::reserved(parent.0, name) {
+            return Err(Errno::EROFS);
+        }
+        let node = Node::new(
+            parent.0,
+            name.as_bytes(),
+            kind,
+            perm & 0o7777,
+            req.uid(),
+            req.gid(),
+        );
+        Ok(self.0.names.create(node)?)
+    }
+}
+
+impl Filesystem for SwarmFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(max) = config.set_max_write(MAX_IO) {
+            tracing::info!("kernel caps max_write at {max}");
+        }
+        if let Err(max) = config.set_max_readahead(MAX_IO) {
+            tracing::info!("kernel caps read-ahead at {max}");
+            let _ = config.set_max_readahead(max);
+        }
+        if self.0.opts.passthrough {
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(2).is_ok();
+            self.0.passthrough.store(ok, Ordering::Relaxed);
+            tracing::info!(passthrough = ok, "FUSE passthrough");
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = name.to_owned();
+        // A hash that is not local may wait on the network: never on this thread.
+        self.0.spawn(move |fs| match fs.lookup(parent.0, &name) {
+            Ok((a, ttl)) => reply.entry(&ttl, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.0.attr(ino.0) {
+            Ok((a, ttl)) => reply.attr(&ttl, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        if self.0.ino_hash(ino.0).is_some() {
+            return reply.error(Errno::EROFS);
+        }
+        self.0.spawn(move |fs| {
+            let res = (|| {
+                if let Some(len) = size {
+                    fs.truncate(ino.0, len)?;
+                }
+                if mode.is_some()
+                    || uid.is_some()
+                    || gid.is_some()
+                    || atime.is_some()
+                    || mtime.is_some()
+                {
+                    fs.names.update(ino.0, |n| {
+                        if let Some(m) = mode {
+                            n.perm = m & 0o7777;
+                        }
+                        if let Some(u) = uid {
+                            n.uid = u;
+                        }
+                        if let Some(g) = gid {
+                            n.gid = g;
+                        }
+                        if let Some(t) = atime {
+                            n.atime = ns(t);
+                        }
+                        if let Some(t) = mtime {
+                            n.mtime = ns(t);
+                        }
+                        n.ctime = names::now_ns();
+                    })?;
+                    if mtime.is_some() {
+                        // An explicit mtime (cp -a, rsync) outlives the writes before it.
+                        if let Some(o) = fs.open_file(ino.0) {
+                            lock(&o).touched = false;
+                        }
+                    }
+                }
+                fs.attr(ino.0)
+            })();
+            match res {
+                Ok((a, ttl)) => reply.attr(&ttl, &a),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.0.node(ino.0) {
+            Ok(n) if n.kind == Kind::Symlink => reply.data(&n.target),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        match self.make(req, parent, name, Kind::Dir, mode & !umask) {
+            Ok(ino) => self.entry(ino, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if Inner::reserved(parent.0, name) {
+            return reply.error(Errno::EROFS);
+        }
+        match self.0.names.remove(parent.0, name.as_bytes(), false) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e.into()),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.0.names.remove(parent.0, name.as_bytes(), true) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e.into()),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let res = self
+            .make(req, parent, link_name, Kind::Symlink, 0o777)
+            .and_then(|ino| {
+                self.0
+                    .names
+                    .update(ino, |n| n.target = target.as_os_str().as_bytes().to_vec())?;
+                Ok(ino)
+            });
+        match res {
+            Ok(ino) => self.entry(ino, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if Inner::reserved(parent.0, name) || Inner::reserved(newparent.0, newname) {
+            return reply.error(Errno::EROFS);
+        }
+        if flags.contains(RenameFlags::RENAME_EXCHANGE)
+            || flags.contains(RenameFlags::RENAME_WHITEOUT)
+        {
+            return reply.error(Errno::EINVAL);
+        }
+        let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        match self.0.names.rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            no_replace,
+        ) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e.into()),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
+        if let Some(hash) = self.0.ino_hash(ino.0) {
+            if write {
+                return reply.error(Errno::EROFS);
+            }
+            let backing = self.0.backing(ino.0, &hash, &reply);
+            let fh = self.0.new_fh(Handle::Blob {
+                hash,
+                reader: Mutex::new(None),
+                _backing: backing.clone(),
+            });
+            return match backing {
+                // The kernel refuses KEEP_CACHE with passthrough: the backing file's own page
+                // cache serves the reads there.
+                Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+                None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            };
+        }
+        let node = match self.0.node(ino.0) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        if node.kind == Kind::Dir {
+            return reply.error(Errno::EISDIR);
+        }
+        if write {
+            let o = lock(&self.0.open)
+                .entry(ino.0)
+                .or_insert_with(|| {
+                    Arc::new(Mutex::new(OpenFile {
+                        staging: None,
+                        writers: 0,
+                        touched: false,
+                    }))
+                })
+                .clone();
+            lock(&o).writers += 1;
+        }
+        // A reader of a complete blob that nobody is writing can go straight to its file.
+        let backing = match (write, node.hash, self.0.open_file(ino.0)) {
+            (false, Some(h), None) => self.0.backing(ino.0, &h, &reply),
+            _ => None,
+        };
+        let fh = self.0.new_fh(Handle::File {
+            ino: ino.0,
+            write,
+            reader: Mutex::new(None),
+            _backing: backing.clone(),
+        });
+        match backing {
+            Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+            None => reply.opened(FileHandle(fh), FopenFlags::empty()),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let h = match self.0.handle(fh.0) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        self.0.spawn(move |fs| match fs.read(&h, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.0.handle(fh.0).as_deref() {
+            Ok(Handle::File { write: true, .. }) => {}
+            Ok(Handle::Blob { .. }) => return reply.error(Errno::EROFS),
+            Ok(_) => return reply.error(Errno::EBADF),
+            Err(e) => return reply.error(*e),
+        }
+        let data = data.to_vec();
+        self.0
+            .spawn(move |fs| match fs.write(ino.0, offset, &data) {
+                Ok(()) => reply.written(data.len() as u32),
+                Err(e) => reply.error(e),
+            });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2) sees this reply: publishing here lets a full disk fail the close.
+        match self.0.handle(fh.0).as_deref() {
+            Ok(Handle::File { write: true, .. }) => {}
+            _ => return reply.ok(),
+        }
+        self.0.spawn(move |fs| {
+            let Some(o) = fs.open_file(ino.0) else {
+                return reply.ok();
+            };
+            let mut o = lock(&o);
+            match fs.commit(ino.0, &mut o) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some(h) = lock(&self.0.handles).remove(&fh.0) else {
+            return reply.ok();
+        };
+        if !matches!(*h, Handle::File { write: true, .. }) {
+            return reply.ok();
+        }
+        self.0.spawn(move |fs| {
+            let mut open = lock(&fs.open);
+            let Some(o) = open.get(&ino.0).cloned() else {
+                return reply.ok();
+            };
+            let mut guard = lock(&o);
+            guard.writers -= 1;
+            let last = guard.writers == 0;
+            if last {
+                open.remove(&ino.0);
+            }
+            drop(open);
+            let res = if last {
+                fs.commit(ino.0, &mut guard)
+            } else {
+                Ok(())
+            };
+            match res {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Content becomes durable, and published, when the file is closed.
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = match self.0.dir_entries(ino.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        for (i, (cino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(cino), i as u64 + 1, kind, OsStr::from_bytes(&name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        const BS: u64 = 4096;
+        let cap = self.0.store.cache_size();
+        let used = self.0.store.used();
+        let free = cap.saturating_sub(used) / BS;
+        reply.statfs(
+            cap / BS,
+            free,
+            free,
+            self.0.names.count() as u64,
+            u32::MAX as u64,
+            BS as u32,
+            255,
+            BS as u32,
+        );
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOTSUP);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if name != HASH_XATTR {
+            return reply.error(Errno::ENODATA);
+        }
+        let value = match self.0.hash_of(ino.0) {
+            Ok(h) => h.to_string(),
+            Err(e) => return reply.error(e),
+        };
+        if size == 0 {
+            reply.size(value.len() as u32);
+        } else if (size as usize) < value.len() {
+            reply.error(Errno::ERANGE);
+        } else {
+            reply.data(value.as_bytes());
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let list: &[u8] = if self.0.hash_of(ino.0).is_ok() {
+            b"user.swarmfs.hash\0"
+        } else {
+            b""
+        };
+        if size == 0 {
+            reply.size(list.len() as u32);
+        } else if (size as usize) < list.len() {
+            reply.error(Errno::ERANGE);
+        } else {
+            reply.data(list);
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::ENOTSUP);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let ino = match self.make(req, parent, name, Kind::File, mode & !umask) {
+            Ok(ino) => ino,
+            Err(e) => return reply.error(e),
+        };
+        lock(&self.0.open).insert(
+            ino,
+            Arc::new(Mutex::new(OpenFile {
+                staging: None,
+                writers: 1,
+                touched: true,
+            })),
+        );
+        let fh = self.0.new_fh(Handle::File {
+            ino,
+            write: true,
+            reader: Mutex::new(None),
+            _backing: None,
+        });
+        match self.0.attr(ino) {
+            Ok((a, ttl)) => {
+                reply.created(&ttl, &a, Generation(0), FileHandle(fh), FopenFlags::empty())
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+}
