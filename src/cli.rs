@@ -40,6 +40,9 @@ pub struct Cli {
     /// Print machine-readable JSON
     #[arg(long, global = true)]
     pub json: bool,
+    /// The client's working directory, for relative paths run inside the daemon
+    #[arg(long, global = true, hide = true, value_name = "DIR")]
+    pub cwd: Option<PathBuf>,
     /// Cache cap, e.g. 500M or 20G; remembered in the data directory [default: 10G]
     #[arg(long, global = true, value_name = "BYTES", value_parser = parse_size)]
     pub cache_size: Option<u64>,
@@ -229,13 +232,12 @@ fn forward_args(cli: &Cli) -> Result<Vec<String>> {
         a.push(format!("--cache-size={c}"));
     }
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    a.push(format!("--cwd={}", cwd.display()));
     match &cli.command {
         Command::Add { paths } => {
             a.push("add".into());
             a.push("--".into());
-            for p in paths {
-                a.push(cwd.join(p).to_string_lossy().into_owned());
-            }
+            a.extend(paths.iter().map(|p| p.to_string_lossy().into_owned()));
         }
         Command::Cat { hash } => a.extend(["cat".into(), "--".into(), hash.clone()]),
         Command::Ls => a.push("ls".into()),
@@ -281,7 +283,7 @@ pub fn execute(
         store.set_cache_size(c)?;
     }
     match &cli.command {
-        Command::Add { paths } => add(store, paths, cli.json, out, err),
+        Command::Add { paths } => add(store, paths, cli.cwd.as_deref(), cli.json, out, err),
         Command::Cat { .. } => cat(store, &hashes[0], out),
         Command::Ls => ls(store, cli.json, out),
         Command::Pin { .. } | Command::Unpin { .. } => {
@@ -316,9 +318,12 @@ struct Added<'a> {
     path: &'a Path,
 }
 
+/// Adds files; relative paths are read from `cwd` when given (the client's, in the daemon)
+/// and printed as they were given.
 fn add(
     store: &Store,
     paths: &[PathBuf],
+    cwd: Option<&Path>,
     json: bool,
     out: &mut dyn Write,
     err: &mut dyn Write,
@@ -326,7 +331,8 @@ fn add(
     let mut failed = false;
     let mut added = Vec::new();
     for p in paths {
-        match store.import_file(p, true) {
+        let real = cwd.map_or_else(|| p.clone(), |c| c.join(p));
+        match store.import_file(&real, true) {
             Ok((h, size)) => {
                 if json {
                     added.push(Added {

@@ -38,23 +38,36 @@ enum MountPoint {
 }
 
 fn check_mount_point(dir: &Path) -> Result<MountPoint> {
+    const ENOTCONN: i32 = 107;
     match std::fs::metadata(dir) {
-        Err(e) if e.raw_os_error() == Some(107) => Ok(MountPoint::Stale), // ENOTCONN
+        Err(e) if e.raw_os_error() == Some(ENOTCONN) => return Ok(MountPoint::Stale),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             bail!(
                 "mount point {} does not exist; create it first (mkdir -p {0})",
                 dir.display()
             )
         }
-        Err(e) => Err(e).with_context(|| format!("cannot use mount point {}", dir.display())),
-        Ok(m) if !m.is_dir() => bail!("mount point {} is not a directory", dir.display()),
-        Ok(_) => {
-            if let Some(fstype) = mounted_at(dir)? {
-                bail!("{} is already a mount point ({fstype}); unmount it first or pick another directory", dir.display());
-            }
-            Ok(MountPoint::Ready)
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot use mount point {}", dir.display()))
         }
+        Ok(m) if !m.is_dir() => bail!("mount point {} is not a directory", dir.display()),
+        Ok(_) => {}
     }
+    let Some(fstype) = mounted_at(dir)? else {
+        return Ok(MountPoint::Ready);
+    };
+    // The kernel may answer `stat` of a dead FUSE mount's root from its cache; a lookup of a
+    // name nobody has asked for must reach the daemon, and fails with ENOTCONN if it is gone.
+    let probe = dir.join(format!(".swarmfs-probe-{}", std::process::id()));
+    if fstype.starts_with("fuse")
+        && std::fs::symlink_metadata(probe).is_err_and(|e| e.raw_os_error() == Some(ENOTCONN))
+    {
+        return Ok(MountPoint::Stale);
+    }
+    bail!(
+        "{} is already a mount point ({fstype}); unmount it first or pick another directory",
+        dir.display()
+    )
 }
 
 /// The filesystem type mounted at `dir`, if something is.
@@ -125,6 +138,15 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
     let names = Arc::new(
         Names::open(store.open_tree("names")?, uid, gid).context("cannot open the names table")?,
     );
+    let swept = names
+        .sweep_unfinished()
+        .context("cannot sweep the names table")?;
+    if swept > 0 {
+        tracing::warn!(
+            files = swept,
+            "removed files that a killed daemon never finished writing"
+        );
+    }
 
     let mut session = None;
     if let Some(dir) = &opts.mount {

@@ -304,6 +304,25 @@ impl Names {
         Ok(replaced)
     }
 
+    /// Removes files that were created but never closed: a daemon killed while they were
+    /// being written. Their content was never published, so the names go too. Returns how
+    /// many were removed.
+    pub fn sweep_unfinished(&self) -> Result<usize> {
+        let mut gone = Vec::new();
+        for kv in self.tree.scan_prefix(b"n") {
+            let (_, v) = kv?;
+            if let Some(n) = decode(&v) {
+                if n.kind == Kind::File && n.hash.is_none() {
+                    gone.push((n.parent, n.name));
+                }
+            }
+        }
+        for (parent, name) in &gone {
+            self.remove(*parent, name, false)?;
+        }
+        Ok(gone.len())
+    }
+
     /// Makes every change durable.
     pub fn flush(&self) -> Result<()> {
         self.tree.flush()?;

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: data, temp stores, and running the real binary
 //! with a timeout.
 
+use std::borrow::BorrowMut;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -73,7 +74,7 @@ pub fn swarmfs(dir: &Path, args: &[&str]) -> Command {
 }
 
 /// Runs a command to completion, killing it if it takes longer than `limit`.
-pub fn run_with_timeout(mut cmd: Command, limit: Duration) -> Output {
+pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Output {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -111,12 +112,13 @@ pub fn run_with_timeout(mut cmd: Command, limit: Duration) -> Output {
 }
 
 /// Runs with a one-minute limit.
-pub fn run(cmd: Command) -> Output {
-    run_with_timeout(cmd, Duration::from_secs(60))
+pub fn run(mut cmd: impl BorrowMut<Command>) -> Output {
+    run_with_timeout(cmd.borrow_mut(), Duration::from_secs(60))
 }
 
 /// Runs and insists on success; returns stdout as text.
-pub fn ok(cmd: Command) -> String {
+pub fn ok(mut cmd: impl BorrowMut<Command>) -> String {
+    let cmd = cmd.borrow_mut();
     let desc = format!("{cmd:?}");
     let out = run(cmd);
     assert!(
@@ -128,7 +130,8 @@ pub fn ok(cmd: Command) -> String {
 }
 
 /// Runs and insists on failure; returns stderr as text.
-pub fn fails(cmd: Command) -> String {
+pub fn fails(mut cmd: impl BorrowMut<Command>) -> String {
+    let cmd = cmd.borrow_mut();
     let desc = format!("{cmd:?}");
     let out = run(cmd);
     assert!(!out.status.success(), "{desc} should have failed");
@@ -139,5 +142,141 @@ pub fn fails(cmd: Command) -> String {
 pub fn b3sum(paths: &[PathBuf]) -> String {
     let mut c = Command::new("b3sum");
     c.args(paths);
+    ok(c)
+}
+
+/// A running `swarmfs mount`: started with a fresh or given data directory, stopped (SIGINT,
+/// then SIGKILL and a lazy unmount if it must) when dropped, so no test leaves a mount behind.
+pub struct Daemon {
+    pub mnt: PathBuf,
+    pub log: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+/// True if something is mounted at `dir`.
+pub fn is_mounted(dir: &Path) -> bool {
+    let dir = dir.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(&*dir))
+}
+
+impl Daemon {
+    /// Starts `swarmfs --data-dir DATA mount MNT EXTRA...` and waits until it is mounted.
+    pub fn start(data: &Path, mnt: &Path, extra: &[&str]) -> Daemon {
+        // A stale mount (a killed daemon) answers ENOTCONN, which create_dir_all takes for
+        // "missing"; the daemon cleans it up.
+        if !is_mounted(mnt) {
+            std::fs::create_dir_all(mnt).unwrap();
+        }
+        let log = data.with_extension(format!("log{}", std::process::id()));
+        let child = swarmfs(data, &["mount"])
+            .arg(mnt)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut d = Daemon {
+            mnt: mnt.to_owned(),
+            log,
+            child: Some(child),
+        };
+        let start = Instant::now();
+        while !d.log_text().contains("swarmfs: mounted") {
+            if let Some(s) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited ({s}) before mounting: {}", d.log_text());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "mount timed out: {}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `sig` (e.g. "INT") and waits for the exit; returns its code.
+    pub fn stop_with(&mut self, sig: &str) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(child.id().to_string())
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s.code();
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = Command::new("fusermount3")
+                    .arg("-uz")
+                    .arg(&self.mnt)
+                    .status();
+                panic!("daemon did not stop on SIG{sig}: {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: leaves the mount stale, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let code = self.stop_with("INT");
+            if code != Some(0) && !std::thread::panicking() {
+                panic!("daemon exited with {code:?} on SIGINT: {}", self.log_text());
+            }
+        }
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.mnt)
+                .status();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// `getfattr --only-values -n user.swarmfs.hash PATH`
+pub fn xattr_hash(path: &Path) -> String {
+    let mut c = Command::new("getfattr");
+    c.args(["--only-values", "-n", "user.swarmfs.hash"])
+        .arg(path);
+    ok(c)
+}
+
+/// b3sum of one file, the hex only.
+pub fn b3(path: &Path) -> String {
+    let mut c = Command::new("b3sum");
+    c.arg("--no-names").arg(path);
+    ok(c).trim().to_string()
+}
+
+/// Runs a shell command line; insists on success.
+pub fn sh(script: &str) -> String {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(script);
     ok(c)
 }

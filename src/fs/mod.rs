@@ -85,6 +85,9 @@ struct OpenFile {
     writers: usize,
     /// Written since the last explicit mtime, so the commit stamps the time of writing.
     touched: bool,
+    /// A write or truncate failed (a full disk): the staged content is not what the program
+    /// wrote, so it must never be published.
+    failed: bool,
 }
 
 /// Blob inode numbers, both ways.
@@ -380,14 +383,27 @@ impl Inner {
         let o = self.open_file(ino).ok_or(Errno::EBADF)?;
         let mut o = lock(&o);
         o.touched = true;
-        let s = self.staging(ino, &mut o, u64::MAX)?;
-        s.write_at(off, data)
-            .map_err(|e| io_errno("writing a staged file", e))
+        let res = self.staging(ino, &mut o, u64::MAX).and_then(|s| {
+            s.write_at(off, data)
+                .map_err(|e| io_errno("writing a staged file", e))
+        });
+        o.failed |= res.is_err();
+        res
     }
 
     /// Stores an open file's staged content as a blob, pins it, and points the name at it.
     /// Nothing is published if this fails.
     fn commit(&self, ino: u64, o: &mut OpenFile) -> Result<(), Errno> {
+        if o.failed {
+            // Drop the staged bytes; the name keeps what it had.
+            o.staging = None;
+            o.failed = false;
+            tracing::warn!(
+                ino,
+                "a write to this file failed; its new content is not published"
+            );
+            return Err(Errno::EIO);
+        }
         let Some(s) = o.staging.take() else {
             // A new file closed without a write is the empty blob.
             if self.node(ino)?.hash.is_none() {
@@ -423,26 +439,27 @@ impl Inner {
         if node.kind != Kind::File {
             return Err(Errno::EISDIR);
         }
-        match self.open_file(ino) {
-            Some(o) => {
-                let mut o = lock(&o);
-                o.touched = true;
-                let s = self.staging(ino, &mut o, len)?;
-                s.set_len(len)
-                    .map_err(|e| io_errno("truncating a staged file", e))
-            }
-            None => {
-                let mut o = OpenFile {
-                    staging: None,
-                    writers: 0,
-                    touched: true,
-                };
-                let s = self.staging(ino, &mut o, len)?;
-                s.set_len(len)
-                    .map_err(|e| io_errno("truncating a staged file", e))?;
-                self.commit(ino, &mut o)
-            }
+        let open = self.open_file(ino);
+        let mut closed = OpenFile {
+            staging: None,
+            writers: 0,
+            touched: true,
+            failed: false,
+        };
+        let mut guard = open.as_ref().map(|o| lock(o));
+        let o = guard.as_deref_mut().unwrap_or(&mut closed);
+        o.touched = true;
+        let res = self.staging(ino, o, len).and_then(|s| {
+            s.set_len(len)
+                .map_err(|e| io_errno("truncating a staged file", e))
+        });
+        o.failed |= res.is_err();
+        res?;
+        if open.is_none() {
+            // Nobody has the file open: publish the new length now.
+            self.commit(ino, o)?;
         }
+        Ok(())
     }
 
     /// The backing file for passthrough of a complete blob, shared by all its open handles.

@@ -289,6 +289,7 @@ impl Filesystem for SwarmFs {
                         staging: None,
                         writers: 0,
                         touched: false,
+                        failed: false,
                     }))
                 })
                 .clone();
@@ -545,6 +546,7 @@ impl Filesystem for SwarmFs {
                 staging: None,
                 writers: 1,
                 touched: true,
+                failed: false,
             })),
         );
         let fh = self.0.new_fh(Handle::File {

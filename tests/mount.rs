@@ -1,0 +1,529 @@
+//! The mount, end to end: real daemons, real FUSE mounts, the tools people use.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use crate::util::*;
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    data: std::path::PathBuf,
+    mnt: std::path::PathBuf,
+    src: std::path::PathBuf,
+}
+
+fn env() -> Env {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, mnt, src) = (
+        tmp.path().join("data"),
+        tmp.path().join("mnt"),
+        tmp.path().join("src"),
+    );
+    fs::create_dir_all(&src).unwrap();
+    Env {
+        _tmp: tmp,
+        data,
+        mnt,
+        src,
+    }
+}
+
+/// The name's hash is b3sum's of `source`, and `MNT/<hash>` has the same bytes.
+fn assert_stored(mnt: &Path, name: &Path, source: &Path) {
+    let want = b3(source);
+    assert_eq!(
+        xattr_hash(name),
+        want,
+        "{} vs {}",
+        name.display(),
+        source.display()
+    );
+    let mut c = std::process::Command::new("cmp");
+    c.arg(mnt.join(&want)).arg(source);
+    ok(c);
+}
+
+#[test]
+fn copying_in_with_common_tools() {
+    let e = env();
+    let d = Daemon::start(&e.data, &e.mnt, &[]);
+    let (m, s) = (&e.mnt, &e.src);
+    for &n in &[0u64, 1, 16385, (1 << 20) + 1, 5 << 20] {
+        write_file(s, &format!("f{n}"), &data(n, n + 1));
+    }
+    fs::create_dir_all(s.join("tree/sub")).unwrap();
+    write_file(&s.join("tree"), "a", &data(3000, 1));
+    write_file(&s.join("tree/sub"), "b", &data(70000, 2));
+    let f = s.join(format!("f{}", (1 << 20) + 1));
+
+    // cp, and cp -a (which must keep the mtime and mode)
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o640)).unwrap();
+    sh(&format!(
+        "cp {} {}/cp && cp -a {} {}/cpa",
+        f.display(),
+        m.display(),
+        f.display(),
+        m.display()
+    ));
+    assert_stored(m, &m.join("cp"), &f);
+    assert_stored(m, &m.join("cpa"), &f);
+    let (src_meta, cpa_meta) = (
+        fs::metadata(&f).unwrap(),
+        fs::metadata(m.join("cpa")).unwrap(),
+    );
+    assert_eq!(cpa_meta.mtime(), src_meta.mtime(), "cp -a keeps the mtime");
+    assert_eq!(cpa_meta.mode() & 0o7777, 0o640, "cp -a keeps the mode");
+
+    // Every size, with plain cp
+    for &n in &[0u64, 1, 16385, 5 << 20] {
+        let p = s.join(format!("f{n}"));
+        sh(&format!("cp {} {}/", p.display(), m.display()));
+        assert_stored(m, &m.join(format!("f{n}")), &p);
+    }
+
+    // cp -r and rsync -a of a tree
+    sh(&format!(
+        "cp -r {}/tree {}/tree_r",
+        s.display(),
+        m.display()
+    ));
+    sh(&format!(
+        "rsync -a {}/tree/ {}/tree_rsync/",
+        s.display(),
+        m.display()
+    ));
+    for t in ["tree_r", "tree_rsync"] {
+        assert_stored(m, &m.join(t).join("a"), &s.join("tree/a"));
+        assert_stored(m, &m.join(t).join("sub/b"), &s.join("tree/sub/b"));
+    }
+    let rs = fs::metadata(m.join("tree_rsync/sub/b")).unwrap();
+    assert_eq!(
+        rs.mtime(),
+        fs::metadata(s.join("tree/sub/b")).unwrap().mtime(),
+        "rsync -a keeps mtimes"
+    );
+
+    // mv in from another filesystem
+    let mv_src = write_file(s, "moved", &data(40000, 9));
+    let keep = write_file(s, "moved.orig", &data(40000, 9));
+    sh(&format!("mv {} {}/moved", mv_src.display(), m.display()));
+    assert!(!mv_src.exists());
+    assert_stored(m, &m.join("moved"), &keep);
+
+    // An editor: write a temp file, rename it over the old name.
+    let v1 = write_file(s, "v1", b"first version\n");
+    let v2 = write_file(s, "v2", b"second version, longer\n");
+    sh(&format!("cp {} {}/doc.txt", v1.display(), m.display()));
+    sh(&format!(
+        "cp {} {m}/.doc.txt.swp && mv {m}/.doc.txt.swp {m}/doc.txt",
+        v2.display(),
+        m = m.display()
+    ));
+    assert_stored(m, &m.join("doc.txt"), &v2);
+    assert!(!m.join(".doc.txt.swp").exists());
+
+    // dd with seek: 64 KiB blocks written last to first (random writes)
+    let big = s.join(format!("f{}", 5 << 20));
+    let mut script = String::new();
+    for i in (0..80).rev() {
+        script += &format!(
+            "dd if={} of={}/dd bs=65536 skip={i} seek={i} count=1 conv=notrunc status=none\n",
+            big.display(),
+            m.display()
+        );
+    }
+    sh(&script);
+    assert_stored(m, &m.join("dd"), &big);
+
+    // truncate, shorter and longer
+    sh(&format!(
+        "cp {} {m}/t && truncate -s 10000 {m}/t",
+        big.display(),
+        m = m.display()
+    ));
+    let short = write_file(s, "short", &data(5 << 20, (5 << 20) + 1)[..10000]);
+    assert_stored(m, &m.join("t"), &short);
+    sh(&format!("truncate -s 20000 {}/t", m.display()));
+    let mut longer = data(5 << 20, (5 << 20) + 1)[..10000].to_vec();
+    longer.resize(20000, 0);
+    let longer = write_file(s, "longer", &longer);
+    assert_stored(m, &m.join("t"), &longer);
+
+    // Folders, symlinks, chmod, unlink, rmdir, listing
+    fs::create_dir(m.join("dir")).unwrap();
+    std::os::unix::fs::symlink("../doc.txt", m.join("dir/link")).unwrap();
+    assert_eq!(
+        fs::read(m.join("dir/link")).unwrap(),
+        fs::read(&v2).unwrap()
+    );
+    fs::set_permissions(m.join("doc.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        fs::metadata(m.join("doc.txt")).unwrap().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        fs::remove_dir(m.join("dir")).unwrap_err().raw_os_error(),
+        Some(39)
+    ); // ENOTEMPTY
+    fs::remove_file(m.join("dir/link")).unwrap();
+    fs::remove_dir(m.join("dir")).unwrap();
+    let names: Vec<String> = fs::read_dir(m)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"doc.txt".to_string()) && names.contains(&b3(&v2)),
+        "{names:?}"
+    );
+    drop(d);
+}
+
+/// A Python program that reads 200 random ranges of `a` and checks them against `b`.
+const PY_RANDOM_READS: &str = r#"
+import os, random, sys
+a, b = sys.argv[1], sys.argv[2]
+size = os.path.getsize(b)
+assert os.path.getsize(a) == size, (os.path.getsize(a), size)
+random.seed(7)
+with open(a, 'rb') as fa, open(b, 'rb') as fb:
+    for _ in range(200):
+        off = random.randrange(0, max(size, 1))
+        n = random.randrange(0, 300000)
+        fa.seek(off); fb.seek(off)
+        assert fa.read(n) == fb.read(n), off
+print("ok")
+"#;
+
+fn reading(extra: &[&str]) {
+    let e = env();
+    let d = Daemon::start(&e.data, &e.mnt, extra);
+    let sizes = [1u64, 16384, 16385, (3 << 20) + 333, 9 << 20];
+    let mut blobs = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let p = write_file(&e.src, &format!("r{i}"), &data(n, 40 + i as u64));
+        let mut add = swarmfs(&e.data, &["add"]);
+        add.arg(&p);
+        let h = ok(add)[..64].to_string();
+        blobs.push((h, p));
+    }
+    for (h, p) in &blobs {
+        let hp = e.mnt.join(h);
+        assert_eq!(
+            fs::metadata(&hp).unwrap().len(),
+            fs::metadata(p).unwrap().len()
+        );
+        assert_eq!(fs::metadata(&hp).unwrap().mode() & 0o777, 0o444);
+        let mut c = std::process::Command::new("cmp");
+        c.arg(&hp).arg(p);
+        ok(c);
+        assert_eq!(
+            sh(&format!("cat {} | b3sum --no-names", hp.display())).trim(),
+            h.as_str()
+        );
+        let mut py = std::process::Command::new("python3");
+        py.args(["-c", PY_RANDOM_READS]).arg(&hp).arg(p);
+        assert_eq!(ok(py).trim(), "ok");
+    }
+    // 16 readers at once, on different blobs and offsets.
+    let threads: Vec<_> = (0..16)
+        .map(|i| {
+            let (h, p) = blobs[1 + i % (blobs.len() - 1)].clone();
+            let path = e.mnt.join(&h);
+            std::thread::spawn(move || {
+                let want = fs::read(&p).unwrap();
+                let mut f = fs::File::open(&path).unwrap();
+                let mut rng = Rng(i as u64 + 1);
+                for _ in 0..30 {
+                    let off = rng.below(want.len() as u64);
+                    let mut buf = vec![0u8; 1 + rng.below(200_000) as usize];
+                    f.seek(SeekFrom::Start(off)).unwrap();
+                    let mut got = 0;
+                    while got < buf.len() {
+                        let n = f.read(&mut buf[got..]).unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        got += n;
+                    }
+                    let end = (off as usize + got).min(want.len());
+                    assert_eq!(&buf[..got], &want[off as usize..end]);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a reader got wrong bytes");
+    }
+    drop(d);
+}
+
+#[test]
+fn reading_hash_entries_with_passthrough() {
+    reading(&[]);
+}
+
+#[test]
+fn reading_hash_entries_through_the_daemon() {
+    reading(&["--no-passthrough"]);
+}
+
+#[test]
+fn restart_keeps_names_pins_and_content() {
+    let e = env();
+    let f = write_file(&e.src, "f", &data(200_000, 3));
+    let mut d = Daemon::start(&e.data, &e.mnt, &[]);
+    fs::create_dir(e.mnt.join("docs")).unwrap();
+    sh(&format!("cp {} {}/docs/f", f.display(), e.mnt.display()));
+    std::os::unix::fs::symlink("docs/f", e.mnt.join("link")).unwrap();
+    fs::set_permissions(e.mnt.join("docs/f"), fs::Permissions::from_mode(0o751)).unwrap();
+    assert_eq!(d.stop_with("INT"), Some(0), "Ctrl-C exits cleanly");
+    assert!(!is_mounted(&e.mnt), "Ctrl-C unmounts");
+    assert!(!e.data.join("control.sock").exists());
+
+    let d = Daemon::start(&e.data, &e.mnt, &[]);
+    assert_stored(&e.mnt, &e.mnt.join("docs/f"), &f);
+    assert_eq!(
+        fs::read_link(e.mnt.join("link")).unwrap(),
+        Path::new("docs/f")
+    );
+    assert_eq!(
+        fs::metadata(e.mnt.join("docs/f")).unwrap().mode() & 0o7777,
+        0o751
+    );
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(swarmfs(&e.data, &["ls", "--json"]))).unwrap();
+    let entry = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["hash"] == b3(&f))
+        .expect("blob listed");
+    assert_eq!(entry["pinned"], true);
+    drop(d);
+}
+
+#[test]
+fn kill_9_during_a_copy_leaves_nothing_half_written() {
+    let e = env();
+    let big = write_file(&e.src, "big", &data(96 << 20, 5));
+    let old = write_file(&e.src, "old", b"the old content\n");
+    let mut d = Daemon::start(&e.data, &e.mnt, &[]);
+    sh(&format!("cp {} {}/over", old.display(), e.mnt.display()));
+    let mut cp = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cp {b} {m}/new; cp {b} {m}/over",
+            b = big.display(),
+            m = e.mnt.display()
+        ))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    d.kill9();
+    let _ = cp.wait();
+    assert!(is_mounted(&e.mnt), "a killed daemon leaves a stale mount");
+    let d = Daemon::start(&e.data, &e.mnt, &[]);
+    // The copy never finished: the new name is gone or whole, the old name is old or whole.
+    if e.mnt.join("new").exists() {
+        assert_stored(&e.mnt, &e.mnt.join("new"), &big);
+    }
+    let over = xattr_hash(&e.mnt.join("over"));
+    assert!(
+        over == b3(&old) || over == b3(&big),
+        "half-written content published"
+    );
+    let v = run(swarmfs(&e.data, &["verify"]));
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    // Every blob listed in the mount is whole.
+    for entry in fs::read_dir(&e.mnt).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name.len() == 64 {
+            assert_eq!(b3(&e.mnt.join(&name)), name);
+        }
+    }
+    // And the mount works.
+    sh(&format!("cp {} {}/after", old.display(), e.mnt.display()));
+    assert_stored(&e.mnt, &e.mnt.join("after"), &old);
+    drop(d);
+}
+
+/// errno of a Python statement run against `path` (0 if it succeeds).
+fn py_errno(stmt: &str, path: &Path) -> i32 {
+    let script = format!("import sys\np = sys.argv[1]\ntry:\n    {stmt}\n    print(0)\nexcept OSError as e:\n    print(e.errno)\n");
+    let mut c = std::process::Command::new("python3");
+    c.args(["-c", &script]).arg(path);
+    ok(c).trim().parse().unwrap()
+}
+
+#[test]
+fn errors_have_the_right_errno() {
+    let e = env();
+    let d = Daemon::start(&e.data, &e.mnt, &["--no-passthrough"]);
+    let f = write_file(&e.src, "f", &data(100_000, 8));
+    sh(&format!("cp {} {}/f", f.display(), e.mnt.display()));
+    let h = b3(&f);
+    let hp = e.mnt.join(&h);
+    const EROFS: i32 = 30;
+    assert_eq!(py_errno("open(p, 'wb')", &hp), EROFS);
+    assert_eq!(py_errno("open(p, 'ab')", &hp), EROFS);
+    assert_eq!(py_errno("import os; os.truncate(p, 0)", &hp), EROFS);
+    assert_eq!(py_errno("import os; os.unlink(p)", &hp), EROFS);
+    let unknown = "ab".repeat(32);
+    assert_eq!(
+        py_errno("open(p, 'w')", &e.mnt.join(&unknown)),
+        EROFS,
+        "blob names are read-only"
+    );
+    assert_eq!(
+        py_errno("import os; os.stat(p)", &e.mnt.join(&unknown)),
+        2,
+        "unknown hash: ENOENT"
+    );
+    assert_eq!(
+        py_errno("import os; os.stat(p)", &e.mnt.join("no-such-name")),
+        2
+    );
+    assert_eq!(
+        py_errno("import os; os.stat(p)", &e.mnt.join(unknown.to_uppercase())),
+        2,
+        "only lowercase names blobs"
+    );
+
+    // A flipped byte on disk: EIO through the daemon, and a log line naming hash and block.
+    let blob = e.data.join("blobs").join(&h);
+    let mut bytes = fs::read(&blob).unwrap();
+    bytes[3 * 16384 + 7] ^= 1;
+    fs::write(&blob, &bytes).unwrap();
+    const EIO: i32 = 5;
+    assert_eq!(
+        py_errno("f = open(p, 'rb'); f.seek(3 * 16384); f.read(100)", &hp),
+        EIO
+    );
+    assert_eq!(
+        py_errno("f = open(p, 'rb'); f.seek(0); f.read(100)", &hp),
+        0,
+        "good blocks still read"
+    );
+    let log = d.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&h) && l.contains("block=3") && l.contains("failed verification")),
+        "{log}"
+    );
+    drop(d);
+}
+
+#[test]
+fn full_disk_gives_enospc_and_publishes_nothing() {
+    let e = env();
+    fs::create_dir_all(&e.data).unwrap();
+    sh(&format!(
+        "mount -t tmpfs -o size=24m swarmfs-test {}",
+        e.data.display()
+    ));
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0)
+                .status();
+        }
+    }
+    let _tmpfs = Unmount(&e.data);
+    let d = Daemon::start(&e.data, &e.mnt, &[]);
+    let small = write_file(&e.src, "small", b"fits\n");
+    sh(&format!("cp {} {}/keep", small.display(), e.mnt.display()));
+    let big = write_file(&e.src, "big", &data(40 << 20, 6));
+    let out = run({
+        let mut c = std::process::Command::new("cp");
+        c.arg(&big).arg(e.mnt.join("keep"));
+        c
+    });
+    assert!(!out.status.success(), "the copy must fail on a full disk");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("No space left on device"), "{err}");
+    // The name keeps its old content; no blob of the big file appears.
+    assert_stored(&e.mnt, &e.mnt.join("keep"), &small);
+    assert!(!e.mnt.join(b3(&big)).exists());
+    let v = run(swarmfs(&e.data, &["verify"]));
+    assert!(v.status.success());
+    drop(d);
+}
+
+#[test]
+fn daemon_start_errors_are_clear() {
+    let e = env();
+    let err = fails(
+        swarmfs(&e.data, &["mount"])
+            .arg(e.mnt.join("missing"))
+            .arg("--no-passthrough"),
+    );
+    assert!(err.contains("does not exist"), "{err}");
+    let d = Daemon::start(&e.data, &e.mnt, &[]);
+    // Another daemon on the same data directory names the one that holds it.
+    let other = e.src.join("mnt2");
+    fs::create_dir_all(&other).unwrap();
+    let err = fails(swarmfs(&e.data, &["mount"]).arg(&other));
+    assert!(
+        err.contains(&format!(
+            "in use by another swarmfs process (pid {})",
+            d.pid()
+        )),
+        "{err}"
+    );
+    // A second daemon on the same mount point.
+    let err = fails(swarmfs(&e.src.join("data2"), &["mount"]).arg(&e.mnt));
+    assert!(err.contains("already a mount point"), "{err}");
+    drop(d);
+}
+
+#[test]
+fn cli_goes_through_the_daemon_and_stale_mounts_are_cleaned() {
+    let e = env();
+    let mut d = Daemon::start(&e.data, &e.mnt, &[]);
+    let sock = fs::metadata(e.data.join("control.sock")).unwrap();
+    assert_eq!(sock.mode() & 0o777, 0o600);
+    // The store is held by the daemon, so these can only work through the socket.
+    let f = write_file(&e.src, "f", &data(50_000, 4));
+    let mut add = swarmfs(&e.data, &["add"]);
+    add.current_dir(&e.src).arg("f");
+    let line = ok(add);
+    assert_eq!(line, format!("{}  f\n", b3(&f)));
+    assert!(
+        e.mnt.join(b3(&f)).exists(),
+        "added blobs appear in the mount"
+    );
+    let out = run(swarmfs(&e.data, &["cat", &b3(&f)]));
+    assert!(out.status.success() && out.stdout == fs::read(&f).unwrap());
+    let out = run(swarmfs(&e.data, &["cat", &"cd".repeat(32)]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown blob"));
+    let out = run(swarmfs(&e.data, &["verify"]));
+    assert_eq!(out.status.code(), Some(0));
+    let df = sh(&format!("df -B1 --output=size {}", e.mnt.display()));
+    assert!(
+        df.lines()
+            .nth(1)
+            .is_some_and(|l| l.trim().parse::<u64>().unwrap() > 0),
+        "{df}"
+    );
+
+    // kill -9 leaves a stale mount; the next start cleans it up.
+    d.kill9();
+    assert!(is_mounted(&e.mnt));
+    let probe = fs::metadata(e.mnt.join("probe")).unwrap_err();
+    assert_eq!(
+        probe.raw_os_error(),
+        Some(107),
+        "the stale mount answers ENOTCONN"
+    );
+    let d = Daemon::start(&e.data, &e.mnt, &[]);
+    assert!(d.log_text().contains("stale mount"), "{}", d.log_text());
+    assert_eq!(fs::read(e.mnt.join(b3(&f))).unwrap(), fs::read(&f).unwrap());
+    drop(d);
+}
