@@ -67,20 +67,13 @@ struct Encoder<'a> {
 }
 
 impl Encoder<'_> {
-    fn node(
-        &mut self,
-        start: u64,
-        len: u64,
-        expected: Cv,
-        is_root: bool,
-    ) -> Result<(), VerifyError> {
+    fn node(&mut self, start: u64, len: u64, expected: Cv, is_root: bool) -> Result<(), VerifyError> {
         if !overlaps(self.want, &(start..start + len)) {
             return Ok(());
         }
         if len == 1 {
             (self.group)(start, self.buf)?;
-            if self.buf.len() as u64
-                != self.tree.group_bytes(start).end - self.tree.group_bytes(start).start
+            if self.buf.len() as u64 != self.tree.group_bytes(start).end - self.tree.group_bytes(start).start
                 || group_cv(start, self.buf, is_root) != expected
             {
                 return Err(VerifyError::BadGroup { group: start });
@@ -140,13 +133,7 @@ struct Decoder<'a> {
 }
 
 impl Decoder<'_> {
-    fn node(
-        &mut self,
-        start: u64,
-        len: u64,
-        expected: Cv,
-        is_root: bool,
-    ) -> Result<(), VerifyError> {
+    fn node(&mut self, start: u64, len: u64, expected: Cv, is_root: bool) -> Result<(), VerifyError> {
         if !overlaps(self.want, &(start..start + len)) {
             return Ok(());
         }
@@ -272,10 +259,7 @@ mod tests {
             bad[i] ^= 0x40;
             let r = decode(tree, &h, &want, &mut &bad[..], &mut |_| Ok(()));
             assert!(
-                matches!(
-                    r,
-                    Err(VerifyError::BadPair { .. } | VerifyError::BadGroup { .. })
-                ),
+                matches!(r, Err(VerifyError::BadPair { .. } | VerifyError::BadGroup { .. })),
                 "flip at {i} passed"
             );
         }

@@ -63,9 +63,7 @@ pub enum Command {
     #[command(after_help = "Example:\n  swarmfs cat 1f0e...9a3c > film.mkv")]
     Cat { hash: String },
     /// List local blobs: hash, size, bytes present, pinned
-    #[command(
-        after_help = "Example:\n  swarmfs ls\n  swarmfs ls --json | jq '.[] | select(.pinned)'"
-    )]
+    #[command(after_help = "Example:\n  swarmfs ls\n  swarmfs ls --json | jq '.[] | select(.pinned)'")]
     Ls,
     /// Pin blobs so that gc never evicts them
     #[command(after_help = "Example:\n  swarmfs pin 1f0e...9a3c")]
@@ -102,9 +100,7 @@ pub enum Command {
         opts: DaemonArgs,
     },
     /// Re-hash local data, report corrupt blocks and drop them; exits 1 if any were corrupt
-    #[command(
-        after_help = "Example:\n  swarmfs verify            (every blob)\n  swarmfs verify 1f0e...9a3c"
-    )]
+    #[command(after_help = "Example:\n  swarmfs verify            (every blob)\n  swarmfs verify 1f0e...9a3c")]
     Verify {
         #[arg(value_name = "HASH")]
         hashes: Vec<String>,
@@ -161,8 +157,7 @@ pub fn default_data_dir() -> Result<PathBuf> {
     if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(d).join("swarmfs"));
     }
-    let home = std::env::var_os("HOME")
-        .context("neither XDG_DATA_HOME nor HOME is set; pass --data-dir")?;
+    let home = std::env::var_os("HOME").context("neither XDG_DATA_HOME nor HOME is set; pass --data-dir")?;
     Ok(PathBuf::from(home).join(".local/share/swarmfs"))
 }
 
@@ -209,10 +204,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         },
     )?;
     // Plain files on fds 1 and 2 (dups): big writes without line buffering, and Send.
-    let mut out = io::BufWriter::with_capacity(
-        1 << 16,
-        std::fs::File::from(io::stdout().as_fd().try_clone_to_owned()?),
-    );
+    let mut out =
+        io::BufWriter::with_capacity(1 << 16, std::fs::File::from(io::stdout().as_fd().try_clone_to_owned()?));
     let mut err = std::fs::File::from(io::stderr().as_fd().try_clone_to_owned()?);
     let code = execute(&store, &cli, &mut out, &mut err);
     match out.flush() {
@@ -272,12 +265,7 @@ fn hashes(cmd: &Command) -> Result<Vec<Hash>> {
 
 /// Runs a store command with output to `out` and per-item errors to `err`; the offline CLI
 /// and the daemon's control socket both call this. Returns the exit code.
-pub fn execute(
-    store: &Store,
-    cli: &Cli,
-    out: &mut (dyn Write + Send),
-    err: &mut dyn Write,
-) -> Result<u8> {
+pub fn execute(store: &Store, cli: &Cli, out: &mut (dyn Write + Send), err: &mut dyn Write) -> Result<u8> {
     let hashes = hashes(&cli.command)?;
     if let Some(c) = cli.cache_size {
         store.set_cache_size(c)?;
@@ -335,11 +323,7 @@ fn add(
         match store.import_file(&real, true) {
             Ok((h, size)) => {
                 if json {
-                    added.push(Added {
-                        hash: h,
-                        size,
-                        path: p,
-                    });
+                    added.push(Added { hash: h, size, path: p });
                 } else {
                     writeln!(out, "{}", b3sum_line(&h, p))?;
                     out.flush()?;
@@ -377,19 +361,11 @@ fn ls(store: &Store, json: bool, out: &mut dyn Write) -> Result<u8> {
         return Ok(0);
     }
     if io::stdout().is_terminal() {
-        writeln!(
-            out,
-            "{:<64}  {:>14}  {:>14}  PINNED",
-            "HASH", "SIZE", "PRESENT"
-        )?;
+        writeln!(out, "{:<64}  {:>14}  {:>14}  PINNED", "HASH", "SIZE", "PRESENT")?;
     }
     for b in list {
         let pinned = if b.pinned { "pinned" } else { "-" };
-        writeln!(
-            out,
-            "{}  {:>14}  {:>14}  {pinned}",
-            b.hash, b.size, b.present
-        )?;
+        writeln!(out, "{}  {:>14}  {:>14}  {pinned}", b.hash, b.size, b.present)?;
     }
     Ok(0)
 }
@@ -403,12 +379,7 @@ fn gc(store: &Store, json: bool, out: &mut dyn Write) -> Result<u8> {
         for b in &evicted {
             writeln!(out, "evicted {}  {} bytes", b.hash, b.present)?;
         }
-        writeln!(
-            out,
-            "cache: {} of {} bytes used",
-            store.used(),
-            store.cache_size()
-        )?;
+        writeln!(out, "cache: {} of {} bytes used", store.used(), store.cache_size())?;
     }
     Ok(0)
 }

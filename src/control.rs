@@ -74,21 +74,19 @@ impl Server {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    match conn {
-                        Ok(conn) => {
-                            let store = store.clone();
-                            let _ = std::thread::Builder::new()
-                                .name("control-conn".into())
-                                .spawn(move || serve(conn, &store));
-                        }
-                        Err(e) => tracing::warn!("control socket: {e}"),
+        std::thread::Builder::new().name("control".into()).spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(conn) => {
+                        let store = store.clone();
+                        let _ = std::thread::Builder::new()
+                            .name("control-conn".into())
+                            .spawn(move || serve(conn, &store));
                     }
+                    Err(e) => tracing::warn!("control socket: {e}"),
                 }
-            })?;
+            }
+        })?;
         Ok(Server { path })
     }
 }
@@ -112,8 +110,7 @@ fn serve(conn: UnixStream, store: &Store) {
             stream: conn.try_clone()?,
             tag: STDERR,
         };
-        let code = match Cli::try_parse_from(std::iter::once("swarmfs".to_string()).chain(req.args))
-        {
+        let code = match Cli::try_parse_from(std::iter::once("swarmfs".to_string()).chain(req.args)) {
             Ok(cli) => match cli::execute(store, &cli, &mut out, &mut err) {
                 Ok(code) => code,
                 Err(e) => {
@@ -141,14 +138,7 @@ fn serve(conn: UnixStream, store: &Store) {
 pub fn forward(data_dir: &Path, args: Vec<String>) -> io::Result<Option<u8>> {
     let conn = match UnixStream::connect(socket_path(data_dir)) {
         Ok(c) => c,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
-        }
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
         Err(e) => return Err(e),
     };
     let mut w = &conn;
@@ -189,11 +179,7 @@ pub fn forward(data_dir: &Path, args: Vec<String>) -> io::Result<Option<u8>> {
                 stdout.flush()?;
                 return Ok(Some(buf.first().copied().unwrap_or(1)));
             }
-            t => {
-                return Err(io::Error::other(format!(
-                    "unknown frame {t} from the daemon"
-                )))
-            }
+            t => return Err(io::Error::other(format!("unknown frame {t} from the daemon"))),
         }
     }
 }

@@ -47,9 +47,7 @@ fn check_mount_point(dir: &Path) -> Result<MountPoint> {
                 dir.display()
             )
         }
-        Err(e) => {
-            return Err(e).with_context(|| format!("cannot use mount point {}", dir.display()))
-        }
+        Err(e) => return Err(e).with_context(|| format!("cannot use mount point {}", dir.display())),
         Ok(m) if !m.is_dir() => bail!("mount point {} is not a directory", dir.display()),
         Ok(_) => {}
     }
@@ -59,8 +57,7 @@ fn check_mount_point(dir: &Path) -> Result<MountPoint> {
     // The kernel may answer `stat` of a dead FUSE mount's root from its cache; a lookup of a
     // name nobody has asked for must reach the daemon, and fails with ENOTCONN if it is gone.
     let probe = dir.join(format!(".swarmfs-probe-{}", std::process::id()));
-    if fstype.starts_with("fuse")
-        && std::fs::symlink_metadata(probe).is_err_and(|e| e.raw_os_error() == Some(ENOTCONN))
+    if fstype.starts_with("fuse") && std::fs::symlink_metadata(probe).is_err_and(|e| e.raw_os_error() == Some(ENOTCONN))
     {
         return Ok(MountPoint::Stale);
     }
@@ -73,8 +70,7 @@ fn check_mount_point(dir: &Path) -> Result<MountPoint> {
 /// The filesystem type mounted at `dir`, if something is.
 fn mounted_at(dir: &Path) -> Result<Option<String>> {
     let dir = std::fs::canonicalize(dir)?;
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .context("cannot read /proc/self/mountinfo")?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
     for line in info.lines() {
         let f: Vec<&str> = line.split(' ').collect();
         // Field 4 is the mount point (octal-escaped); the type follows the " - " separator.
@@ -83,9 +79,7 @@ fn mounted_at(dir: &Path) -> Result<Option<String>> {
         };
         let point = unescape(f.get(4).copied().unwrap_or_default());
         if Path::new(&point) == dir {
-            return Ok(Some(
-                f.get(sep + 1).copied().unwrap_or("unknown").to_string(),
-            ));
+            return Ok(Some(f.get(sep + 1).copied().unwrap_or("unknown").to_string()));
         }
     }
     Ok(None)
@@ -96,10 +90,7 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -135,12 +126,8 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
         .context("cannot start the runtime")?;
 
     let (uid, gid) = crate::fs::own_ids();
-    let names = Arc::new(
-        Names::open(store.open_tree("names")?, uid, gid).context("cannot open the names table")?,
-    );
-    let swept = names
-        .sweep_unfinished()
-        .context("cannot sweep the names table")?;
+    let names = Arc::new(Names::open(store.open_tree("names")?, uid, gid).context("cannot open the names table")?);
+    let swept = names.sweep_unfinished().context("cannot sweep the names table")?;
     if swept > 0 {
         tracing::warn!(
             files = swept,
@@ -189,8 +176,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
             opts.data_dir.display()
         );
     }
-    let control =
-        control::Server::start(store.clone()).context("cannot serve the control socket")?;
+    let control = control::Server::start(store.clone()).context("cannot serve the control socket")?;
 
     rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};

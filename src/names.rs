@@ -143,9 +143,7 @@ impl Names {
     /// Opens the table, creating the root folder the first time.
     pub fn open(tree: sled::Tree, uid: u32, gid: u32) -> Result<Names> {
         let next = match tree.get(b"s")? {
-            Some(v) => {
-                u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0, 0, 0, 0, 0, 0, 0, 2]))
-            }
+            Some(v) => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0, 0, 0, 0, 0, 0, 0, 2])),
             None => 2,
         };
         let names = Names {
@@ -287,9 +285,7 @@ impl Names {
             match (n.kind == Kind::Dir, old.kind == Kind::Dir) {
                 (true, false) => return Err(NamesError::NotDir),
                 (false, true) => return Err(NamesError::IsDir),
-                (true, true) if !self.children(*old_ino, 0)?.is_empty() => {
-                    return Err(NamesError::NotEmpty)
-                }
+                (true, true) if !self.children(*old_ino, 0)?.is_empty() => return Err(NamesError::NotEmpty),
                 _ => {}
             }
             b.remove(&node_key(*old_ino)[..]);

@@ -212,11 +212,7 @@ impl<S: FnMut(u64, &Pair) -> io::Result<()>> OutboardBuilder<S> {
 #[derive(Debug)]
 pub enum Step {
     /// Group `group` must hash to `expected`; `is_root` when it is the whole blob.
-    Leaf {
-        group: u64,
-        expected: Cv,
-        is_root: bool,
-    },
+    Leaf { group: u64, expected: Cv, is_root: bool },
     /// The outboard pair above these groups does not match its parent, so none of them can
     /// be verified.
     BadNode { groups: Range<u64> },

@@ -26,11 +26,7 @@ fn add_matches_b3sum_and_cat_round_trips() {
     for (line, path) in sums.lines().zip(&paths) {
         let hash = &line[..64];
         let out = run(swarmfs(store.path(), &["cat", hash]));
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(
             out.stdout == fs::read(path).unwrap(),
             "cat of {} differs",
@@ -63,10 +59,7 @@ fn tampered_byte_is_named_and_never_printed() {
     // Flip one byte in block 70 (bytes 1146880..1163264) of the blob file on disk.
     let blob = store.path().join("blobs").join(&hash);
     let mut on_disk = fs::read(&blob).unwrap();
-    assert_eq!(
-        on_disk, bytes,
-        "a complete blob's file is exactly its content"
-    );
+    assert_eq!(on_disk, bytes, "a complete blob's file is exactly its content");
     let at = 70 * 16384 + 1234;
     on_disk[at] ^= 0x01;
     fs::write(&blob, &on_disk).unwrap();
@@ -78,14 +71,8 @@ fn tampered_byte_is_named_and_never_printed() {
         err.contains("block 70 ") && err.contains("failed verification"),
         "{err}"
     );
-    assert!(
-        out.stdout.len() <= at,
-        "bytes at and after the bad block were printed"
-    );
-    assert!(
-        out.stdout[..] == bytes[..out.stdout.len()],
-        "what was printed is good"
-    );
+    assert!(out.stdout.len() <= at, "bytes at and after the bad block were printed");
+    assert!(out.stdout[..] == bytes[..out.stdout.len()], "what was printed is good");
 
     let out = run(swarmfs(store.path(), &["verify", &hash]));
     assert_eq!(out.status.code(), Some(1), "verify exits 1 on corruption");
@@ -96,15 +83,11 @@ fn tampered_byte_is_named_and_never_printed() {
 
     // The block was dropped: what is left verifies, and ls shows 16 KiB fewer bytes.
     ok(swarmfs(store.path(), &["verify", &hash]));
-    let ls: serde_json::Value =
-        serde_json::from_str(&ok(swarmfs(store.path(), &["ls", "--json"]))).unwrap();
+    let ls: serde_json::Value = serde_json::from_str(&ok(swarmfs(store.path(), &["ls", "--json"]))).unwrap();
     assert_eq!(ls[0]["present"], bytes.len() as u64 - 16384);
     assert_eq!(ls[0]["complete"], false);
     let err = fails(swarmfs(store.path(), &["cat", &hash]));
-    assert!(
-        err.contains("block 70 ") && err.contains("not held locally"),
-        "{err}"
-    );
+    assert!(err.contains("block 70 ") && err.contains("not held locally"), "{err}");
 }
 
 #[test]
@@ -141,8 +124,7 @@ fn errors_are_one_plain_line() {
     let held = swarmfs::Store::open(d, Default::default()).unwrap();
     let err = fails(swarmfs(d, &["ls"]));
     assert!(
-        err.contains("in use by another swarmfs process")
-            && err.contains(&format!("pid {}", std::process::id())),
+        err.contains("in use by another swarmfs process") && err.contains(&format!("pid {}", std::process::id())),
         "{err}"
     );
     one_line(&err);
@@ -181,8 +163,7 @@ fn help_shows_an_example_for_each_command() {
     });
     for cmd in ["add", "cat", "ls", "pin", "unpin", "gc", "verify"] {
         assert!(
-            help.contains(&format!("swarmfs {cmd}"))
-                || help.contains(&format!("swarmfs --cache-size 20G {cmd}")),
+            help.contains(&format!("swarmfs {cmd}")) || help.contains(&format!("swarmfs --cache-size 20G {cmd}")),
             "no example for {cmd}"
         );
         let sub = ok({

@@ -33,18 +33,10 @@ fn check_consistent(dir: &Path, expect: &Hash) {
         }
     }
     // Every file in blobs/ belongs to a listed blob.
-    let listed: Vec<String> = store
-        .list()
-        .unwrap()
-        .iter()
-        .map(|b| b.hash.to_string())
-        .collect();
+    let listed: Vec<String> = store.list().unwrap().iter().map(|b| b.hash.to_string()).collect();
     for e in std::fs::read_dir(dir.join("blobs")).unwrap() {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();
-        assert!(
-            listed.iter().any(|h| name.starts_with(h)),
-            "orphan file {name}"
-        );
+        assert!(listed.iter().any(|h| name.starts_with(h)), "orphan file {name}");
     }
 }
 
@@ -112,12 +104,7 @@ fn kill_9_during_range_writes() {
     for delay_ms in [0, 20, 60, 150, 400] {
         let store = tempfile::tempdir().unwrap();
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "crash::range_writer_child",
-                "--ignored",
-                "--nocapture",
-            ])
+            .args(["--exact", "crash::range_writer_child", "--ignored", "--nocapture"])
             .env(CHILD_ENV, store.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -127,10 +114,7 @@ fn kill_9_during_range_writes() {
         let mut out = BufReader::new(child.stdout.take().unwrap());
         while !line.contains("ready") {
             line.clear();
-            assert!(
-                out.read_line(&mut line).unwrap() > 0,
-                "child died before writing"
-            );
+            assert!(out.read_line(&mut line).unwrap() > 0, "child died before writing");
         }
         std::thread::sleep(Duration::from_millis(delay_ms));
         child.kill().unwrap();

@@ -17,11 +17,7 @@ struct Env {
 
 fn env() -> Env {
     let tmp = tempfile::tempdir().unwrap();
-    let (data, mnt, src) = (
-        tmp.path().join("data"),
-        tmp.path().join("mnt"),
-        tmp.path().join("src"),
-    );
+    let (data, mnt, src) = (tmp.path().join("data"), tmp.path().join("mnt"), tmp.path().join("src"));
     fs::create_dir_all(&src).unwrap();
     Env {
         _tmp: tmp,
@@ -34,13 +30,7 @@ fn env() -> Env {
 /// The name's hash is b3sum's of `source`, and `MNT/<hash>` has the same bytes.
 fn assert_stored(mnt: &Path, name: &Path, source: &Path) {
     let want = b3(source);
-    assert_eq!(
-        xattr_hash(name),
-        want,
-        "{} vs {}",
-        name.display(),
-        source.display()
-    );
+    assert_eq!(xattr_hash(name), want, "{} vs {}", name.display(), source.display());
     let mut c = std::process::Command::new("cmp");
     c.arg(mnt.join(&want)).arg(source);
     ok(c);
@@ -70,10 +60,7 @@ fn copying_in_with_common_tools() {
     ));
     assert_stored(m, &m.join("cp"), &f);
     assert_stored(m, &m.join("cpa"), &f);
-    let (src_meta, cpa_meta) = (
-        fs::metadata(&f).unwrap(),
-        fs::metadata(m.join("cpa")).unwrap(),
-    );
+    let (src_meta, cpa_meta) = (fs::metadata(&f).unwrap(), fs::metadata(m.join("cpa")).unwrap());
     assert_eq!(cpa_meta.mtime(), src_meta.mtime(), "cp -a keeps the mtime");
     assert_eq!(cpa_meta.mode() & 0o7777, 0o640, "cp -a keeps the mode");
 
@@ -85,16 +72,8 @@ fn copying_in_with_common_tools() {
     }
 
     // cp -r and rsync -a of a tree
-    sh(&format!(
-        "cp -r {}/tree {}/tree_r",
-        s.display(),
-        m.display()
-    ));
-    sh(&format!(
-        "rsync -a {}/tree/ {}/tree_rsync/",
-        s.display(),
-        m.display()
-    ));
+    sh(&format!("cp -r {}/tree {}/tree_r", s.display(), m.display()));
+    sh(&format!("rsync -a {}/tree/ {}/tree_rsync/", s.display(), m.display()));
     for t in ["tree_r", "tree_rsync"] {
         assert_stored(m, &m.join(t).join("a"), &s.join("tree/a"));
         assert_stored(m, &m.join(t).join("sub/b"), &s.join("tree/sub/b"));
@@ -155,19 +134,10 @@ fn copying_in_with_common_tools() {
     // Folders, symlinks, chmod, unlink, rmdir, listing
     fs::create_dir(m.join("dir")).unwrap();
     std::os::unix::fs::symlink("../doc.txt", m.join("dir/link")).unwrap();
-    assert_eq!(
-        fs::read(m.join("dir/link")).unwrap(),
-        fs::read(&v2).unwrap()
-    );
+    assert_eq!(fs::read(m.join("dir/link")).unwrap(), fs::read(&v2).unwrap());
     fs::set_permissions(m.join("doc.txt"), fs::Permissions::from_mode(0o600)).unwrap();
-    assert_eq!(
-        fs::metadata(m.join("doc.txt")).unwrap().mode() & 0o777,
-        0o600
-    );
-    assert_eq!(
-        fs::remove_dir(m.join("dir")).unwrap_err().raw_os_error(),
-        Some(39)
-    ); // ENOTEMPTY
+    assert_eq!(fs::metadata(m.join("doc.txt")).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(fs::remove_dir(m.join("dir")).unwrap_err().raw_os_error(), Some(39)); // ENOTEMPTY
     fs::remove_file(m.join("dir/link")).unwrap();
     fs::remove_dir(m.join("dir")).unwrap();
     let names: Vec<String> = fs::read_dir(m)
@@ -211,10 +181,7 @@ fn reading(extra: &[&str]) {
     }
     for (h, p) in &blobs {
         let hp = e.mnt.join(h);
-        assert_eq!(
-            fs::metadata(&hp).unwrap().len(),
-            fs::metadata(p).unwrap().len()
-        );
+        assert_eq!(fs::metadata(&hp).unwrap().len(), fs::metadata(p).unwrap().len());
         assert_eq!(fs::metadata(&hp).unwrap().mode() & 0o777, 0o444);
         let mut c = std::process::Command::new("cmp");
         c.arg(&hp).arg(p);
@@ -285,16 +252,9 @@ fn restart_keeps_names_pins_and_content() {
 
     let d = Daemon::start(&e.data, &e.mnt, &[]);
     assert_stored(&e.mnt, &e.mnt.join("docs/f"), &f);
-    assert_eq!(
-        fs::read_link(e.mnt.join("link")).unwrap(),
-        Path::new("docs/f")
-    );
-    assert_eq!(
-        fs::metadata(e.mnt.join("docs/f")).unwrap().mode() & 0o7777,
-        0o751
-    );
-    let ls: serde_json::Value =
-        serde_json::from_str(&ok(swarmfs(&e.data, &["ls", "--json"]))).unwrap();
+    assert_eq!(fs::read_link(e.mnt.join("link")).unwrap(), Path::new("docs/f"));
+    assert_eq!(fs::metadata(e.mnt.join("docs/f")).unwrap().mode() & 0o7777, 0o751);
+    let ls: serde_json::Value = serde_json::from_str(&ok(swarmfs(&e.data, &["ls", "--json"]))).unwrap();
     let entry = ls
         .as_array()
         .unwrap()
@@ -332,10 +292,7 @@ fn kill_9_during_a_copy_leaves_nothing_half_written() {
         assert_stored(&e.mnt, &e.mnt.join("new"), &big);
     }
     let over = xattr_hash(&e.mnt.join("over"));
-    assert!(
-        over == b3(&old) || over == b3(&big),
-        "half-written content published"
-    );
+    assert!(over == b3(&old) || over == b3(&big), "half-written content published");
     let v = run(swarmfs(&e.data, &["verify"]));
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
     // Every blob listed in the mount is whole.
@@ -353,7 +310,9 @@ fn kill_9_during_a_copy_leaves_nothing_half_written() {
 
 /// errno of a Python statement run against `path` (0 if it succeeds).
 fn py_errno(stmt: &str, path: &Path) -> i32 {
-    let script = format!("import sys\np = sys.argv[1]\ntry:\n    {stmt}\n    print(0)\nexcept OSError as e:\n    print(e.errno)\n");
+    let script = format!(
+        "import sys\np = sys.argv[1]\ntry:\n    {stmt}\n    print(0)\nexcept OSError as e:\n    print(e.errno)\n"
+    );
     let mut c = std::process::Command::new("python3");
     c.args(["-c", &script]).arg(path);
     ok(c).trim().parse().unwrap()
@@ -383,10 +342,7 @@ fn errors_have_the_right_errno() {
         2,
         "unknown hash: ENOENT"
     );
-    assert_eq!(
-        py_errno("import os; os.stat(p)", &e.mnt.join("no-such-name")),
-        2
-    );
+    assert_eq!(py_errno("import os; os.stat(p)", &e.mnt.join("no-such-name")), 2);
     assert_eq!(
         py_errno("import os; os.stat(p)", &e.mnt.join(unknown.to_uppercase())),
         2,
@@ -399,10 +355,7 @@ fn errors_have_the_right_errno() {
     bytes[3 * 16384 + 7] ^= 1;
     fs::write(&blob, &bytes).unwrap();
     const EIO: i32 = 5;
-    assert_eq!(
-        py_errno("f = open(p, 'rb'); f.seek(3 * 16384); f.read(100)", &hp),
-        EIO
-    );
+    assert_eq!(py_errno("f = open(p, 'rb'); f.seek(3 * 16384); f.read(100)", &hp), EIO);
     assert_eq!(
         py_errno("f = open(p, 'rb'); f.seek(0); f.read(100)", &hp),
         0,
@@ -421,17 +374,11 @@ fn errors_have_the_right_errno() {
 fn full_disk_gives_enospc_and_publishes_nothing() {
     let e = env();
     fs::create_dir_all(&e.data).unwrap();
-    sh(&format!(
-        "mount -t tmpfs -o size=24m swarmfs-test {}",
-        e.data.display()
-    ));
+    sh(&format!("mount -t tmpfs -o size=24m swarmfs-test {}", e.data.display()));
     struct Unmount<'a>(&'a Path);
     impl Drop for Unmount<'_> {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(self.0)
-                .status();
+            let _ = std::process::Command::new("umount").arg("-l").arg(self.0).status();
         }
     }
     let _tmpfs = Unmount(&e.data);
@@ -470,10 +417,7 @@ fn daemon_start_errors_are_clear() {
     fs::create_dir_all(&other).unwrap();
     let err = fails(swarmfs(&e.data, &["mount"]).arg(&other));
     assert!(
-        err.contains(&format!(
-            "in use by another swarmfs process (pid {})",
-            d.pid()
-        )),
+        err.contains(&format!("in use by another swarmfs process (pid {})", d.pid())),
         "{err}"
     );
     // A second daemon on the same mount point.
@@ -494,10 +438,7 @@ fn cli_goes_through_the_daemon_and_stale_mounts_are_cleaned() {
     add.current_dir(&e.src).arg("f");
     let line = ok(add);
     assert_eq!(line, format!("{}  f\n", b3(&f)));
-    assert!(
-        e.mnt.join(b3(&f)).exists(),
-        "added blobs appear in the mount"
-    );
+    assert!(e.mnt.join(b3(&f)).exists(), "added blobs appear in the mount");
     let out = run(swarmfs(&e.data, &["cat", &b3(&f)]));
     assert!(out.status.success() && out.stdout == fs::read(&f).unwrap());
     let out = run(swarmfs(&e.data, &["cat", &"cd".repeat(32)]));
@@ -507,9 +448,7 @@ fn cli_goes_through_the_daemon_and_stale_mounts_are_cleaned() {
     assert_eq!(out.status.code(), Some(0));
     let df = sh(&format!("df -B1 --output=size {}", e.mnt.display()));
     assert!(
-        df.lines()
-            .nth(1)
-            .is_some_and(|l| l.trim().parse::<u64>().unwrap() > 0),
+        df.lines().nth(1).is_some_and(|l| l.trim().parse::<u64>().unwrap() > 0),
         "{df}"
     );
 
@@ -517,11 +456,7 @@ fn cli_goes_through_the_daemon_and_stale_mounts_are_cleaned() {
     d.kill9();
     assert!(is_mounted(&e.mnt));
     let probe = fs::metadata(e.mnt.join("probe")).unwrap_err();
-    assert_eq!(
-        probe.raw_os_error(),
-        Some(107),
-        "the stale mount answers ENOTCONN"
-    );
+    assert_eq!(probe.raw_os_error(), Some(107), "the stale mount answers ENOTCONN");
     let d = Daemon::start(&e.data, &e.mnt, &[]);
     assert!(d.log_text().contains("stale mount"), "{}", d.log_text());
     assert_eq!(fs::read(e.mnt.join(b3(&f))).unwrap(), fs::read(&f).unwrap());

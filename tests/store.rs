@@ -77,16 +77,16 @@ fn partial_blob_takes_ranges_in_any_order() {
             model[g as usize] = true;
         }
         if i < last {
-            let expect: Vec<Range<u64>> = (0..n).filter(|&g| !model[g as usize]).fold(
-                Vec::new(),
-                |mut v: Vec<Range<u64>>, g| {
-                    match v.last_mut() {
-                        Some(r) if r.end == g => r.end += 1,
-                        _ => v.push(g..g + 1),
-                    }
-                    v
-                },
-            );
+            let expect: Vec<Range<u64>> =
+                (0..n)
+                    .filter(|&g| !model[g as usize])
+                    .fold(Vec::new(), |mut v: Vec<Range<u64>>, g| {
+                        match v.last_mut() {
+                            Some(r) if r.end == g => r.end += 1,
+                            _ => v.push(g..g + 1),
+                        }
+                        v
+                    });
             assert_eq!(dst.missing(&h, 0..n).unwrap(), expect);
             let info = dst.info(&h).unwrap().unwrap();
             assert_eq!(
@@ -97,9 +97,7 @@ fn partial_blob_takes_ranges_in_any_order() {
             assert!(!info.complete);
             // A present range reads back verified; a missing one is refused by name.
             let mut r = dst.reader(&h).unwrap();
-            let got = r
-                .read_at(tree.bytes_for_groups(run.clone()).start, 100)
-                .unwrap();
+            let got = r.read_at(tree.bytes_for_groups(run.clone()).start, 100).unwrap();
             let s = tree.bytes_for_groups(run.clone()).start as usize;
             assert_eq!(got, bytes[s..s + got.len()]);
             if let Some(m) = expect.first() {
@@ -141,9 +139,7 @@ fn partial_blob_survives_reopen_and_rejects_bad_data() {
         let mut enc = encoding(&src, &h, &want);
         let at = enc.len() - 2 * GROUP_SIZE as usize + 5;
         enc[at] ^= 0x80;
-        let err = dst
-            .write_encoded(&h, size, &want, &mut &enc[..])
-            .unwrap_err();
+        let err = dst.write_encoded(&h, size, &want, &mut &enc[..]).unwrap_err();
         assert!(matches!(err, StoreError::BadData { .. }), "{err}");
         assert_eq!(dst.missing(&h, 0..41).unwrap(), vec![0..3, 9..10, 12..41]);
     }
@@ -153,9 +149,7 @@ fn partial_blob_survives_reopen_and_rejects_bad_data() {
     let info = dst.info(&h).unwrap().unwrap();
     assert_eq!(info.present, 8 * GROUP_SIZE);
     // A different size for a known blob is refused.
-    let err = dst
-        .write_encoded(&h, size + 1, &[0..1], &mut &[][..])
-        .unwrap_err();
+    let err = dst.write_encoded(&h, size + 1, &[0..1], &mut &[][..]).unwrap_err();
     assert!(matches!(err, StoreError::SizeMismatch { .. }), "{err}");
 }
 
@@ -165,12 +159,7 @@ fn eviction_respects_pins_and_lru_order() {
     let store = open(dir.path());
     let mb = 1 << 20;
     let blobs: Vec<Hash> = (0..4u64)
-        .map(|i| {
-            store
-                .import_reader(&data(mb, 100 + i)[..], i == 0)
-                .unwrap()
-                .0
-        })
+        .map(|i| store.import_reader(&data(mb, 100 + i)[..], i == 0).unwrap().0)
         .collect();
     // Use order, oldest first: 2, 1, 3 (0 is pinned).
     for i in [2, 1, 3] {
@@ -289,17 +278,13 @@ fn staged_files_hash_to_their_content() {
             s.write_at(off, piece).unwrap();
             off += piece.len() as u64;
         }
-        assert_eq!(
-            store.commit_staged(s, true).unwrap(),
-            (Hash::of(&bytes), size)
-        );
+        assert_eq!(store.commit_staged(s, true).unwrap(), (Hash::of(&bytes), size));
         // Backwards, in 5000-byte writes, then a truncate that cuts 3 bytes.
         let mut s = store.stage().unwrap();
         let mut end = size;
         while end > 0 {
             let start = end.saturating_sub(5000);
-            s.write_at(start, &bytes[start as usize..end as usize])
-                .unwrap();
+            s.write_at(start, &bytes[start as usize..end as usize]).unwrap();
             end = start;
         }
         let cut = size.saturating_sub(3);

@@ -222,10 +222,7 @@ impl Daemon {
             if start.elapsed() > Duration::from_secs(20) {
                 let _ = child.kill();
                 let _ = child.wait();
-                let _ = Command::new("fusermount3")
-                    .arg("-uz")
-                    .arg(&self.mnt)
-                    .status();
+                let _ = Command::new("fusermount3").arg("-uz").arg(&self.mnt).status();
                 panic!("daemon did not stop on SIG{sig}: {}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -250,10 +247,7 @@ impl Drop for Daemon {
             }
         }
         if is_mounted(&self.mnt) {
-            let _ = Command::new("fusermount3")
-                .arg("-uz")
-                .arg(&self.mnt)
-                .status();
+            let _ = Command::new("fusermount3").arg("-uz").arg(&self.mnt).status();
         }
         let _ = std::fs::remove_file(&self.log);
     }
@@ -262,8 +256,7 @@ impl Drop for Daemon {
 /// `getfattr --only-values -n user.swarmfs.hash PATH`
 pub fn xattr_hash(path: &Path) -> String {
     let mut c = Command::new("getfattr");
-    c.args(["--only-values", "-n", "user.swarmfs.hash"])
-        .arg(path);
+    c.args(["--only-values", "-n", "user.swarmfs.hash"]).arg(path);
     ok(c)
 }
 

@@ -238,7 +238,7 @@ impl Inner {
             uid: self.uid,
             gid: self.gid,
             rdev: 0,
-            blksize: 128 * 1024,
+            blksize: 1 << 20,
             flags: 0,
         }))
     }
@@ -271,7 +271,7 @@ impl Inner {
             uid: n.uid,
             gid: n.gid,
             rdev: 0,
-            blksize: 128 * 1024,
+            blksize: 1 << 20,
             flags: 0,
         }
     }
@@ -279,10 +279,7 @@ impl Inner {
     /// Attributes and TTL for any inode.
     fn attr(&self, ino: u64) -> Result<(FileAttr, Duration), Errno> {
         if let Some(h) = self.ino_hash(ino) {
-            return self
-                .hash_attr(&h)?
-                .map(|a| (a, HASH_TTL))
-                .ok_or(Errno::ENOENT);
+            return self.hash_attr(&h)?.map(|a| (a, HASH_TTL)).ok_or(Errno::ENOENT);
         }
         let n = self.names.get(ino)?.ok_or(Errno::ENOENT)?;
         Ok((self.node_attr(ino, &n), NAME_TTL))
@@ -358,18 +355,11 @@ impl Inner {
 
     /// The staged content of an open file, started from its committed content (the first
     /// `keep` bytes of it) on the first change.
-    fn staging<'a>(
-        &self,
-        ino: u64,
-        o: &'a mut OpenFile,
-        keep: u64,
-    ) -> Result<&'a mut Staging, Errno> {
+    fn staging<'a>(&self, ino: u64, o: &'a mut OpenFile, keep: u64) -> Result<&'a mut Staging, Errno> {
         if o.staging.is_none() {
             let node = self.node(ino)?;
             let s = match node.hash {
-                Some(h) if node.size > 0 && keep > 0 => {
-                    self.store.stage_from(&h, keep.min(node.size))
-                }
+                Some(h) if node.size > 0 && keep > 0 => self.store.stage_from(&h, keep.min(node.size)),
                 _ => self.store.stage(),
             }
             .map_err(store_errno)?;
@@ -379,12 +369,12 @@ impl Inner {
     }
 
     /// Writes to an open user file.
-    fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<(), Errno> {
+    fn write(&self, ino: u64, off: u64, data: Vec<u8>) -> Result<(), Errno> {
         let o = self.open_file(ino).ok_or(Errno::EBADF)?;
         let mut o = lock(&o);
         o.touched = true;
         let res = self.staging(ino, &mut o, u64::MAX).and_then(|s| {
-            s.write_at(off, data)
+            s.write_owned(off, data)
                 .map_err(|e| io_errno("writing a staged file", e))
         });
         o.failed |= res.is_err();
@@ -398,19 +388,13 @@ impl Inner {
             // Drop the staged bytes; the name keeps what it had.
             o.staging = None;
             o.failed = false;
-            tracing::warn!(
-                ino,
-                "a write to this file failed; its new content is not published"
-            );
+            tracing::warn!(ino, "a write to this file failed; its new content is not published");
             return Err(Errno::EIO);
         }
         let Some(s) = o.staging.take() else {
             // A new file closed without a write is the empty blob.
             if self.node(ino)?.hash.is_none() {
-                let (h, _) = self
-                    .store
-                    .import_reader(&[][..], true)
-                    .map_err(store_errno)?;
+                let (h, _) = self.store.import_reader(&[][..], true).map_err(store_errno)?;
                 self.names.update(ino, |n| n.hash = Some(h))?;
             }
             return Ok(());
@@ -449,10 +433,9 @@ impl Inner {
         let mut guard = open.as_ref().map(|o| lock(o));
         let o = guard.as_deref_mut().unwrap_or(&mut closed);
         o.touched = true;
-        let res = self.staging(ino, o, len).and_then(|s| {
-            s.set_len(len)
-                .map_err(|e| io_errno("truncating a staged file", e))
-        });
+        let res = self
+            .staging(ino, o, len)
+            .and_then(|s| s.set_len(len).map_err(|e| io_errno("truncating a staged file", e)));
         o.failed |= res.is_err();
         res?;
         if open.is_none() {
@@ -527,18 +510,12 @@ impl Inner {
                     return Ok((a, HASH_TTL));
                 }
                 return match self.source.find(&h, self.opts.lookup_timeout) {
-                    Some(_) => self
-                        .hash_attr(&h)?
-                        .map(|a| (a, HASH_TTL))
-                        .ok_or(Errno::ENOENT),
+                    Some(_) => self.hash_attr(&h)?.map(|a| (a, HASH_TTL)).ok_or(Errno::ENOENT),
                     None => Err(Errno::ENOENT),
                 };
             }
         }
-        let (ino, n) = self
-            .names
-            .lookup(parent, name.as_bytes())?
-            .ok_or(Errno::ENOENT)?;
+        let (ino, n) = self.names.lookup(parent, name.as_bytes())?.ok_or(Errno::ENOENT)?;
         Ok((self.node_attr(ino, &n), NAME_TTL))
     }
 

@@ -9,10 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use fuser::{
-    AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
+    OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use super::{lock, Handle, Inner, OpenFile, SwarmFs, HASH_XATTR};
@@ -39,25 +38,11 @@ impl SwarmFs {
     }
 
     /// Creates a name in `parent`, unless it is a blob name in the root.
-    fn make(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        kind: Kind,
-        perm: u32,
-    ) -> Result<u64, Errno> {
+    fn make(&self, req: &Request, parent: INodeNo, name: &OsStr, kind: Kind, perm: u32) -> Result<u64, Errno> {
         if Inner::reserved(parent.0, name) {
             return Err(Errno::EROFS);
         }
-        let node = Node::new(
-            parent.0,
-            name.as_bytes(),
-            kind,
-            perm & 0o7777,
-            req.uid(),
-            req.gid(),
-        );
+        let node = Node::new(parent.0, name.as_bytes(), kind, perm & 0o7777, req.uid(), req.gid());
         Ok(self.0.names.create(node)?)
     }
 }
@@ -72,8 +57,8 @@ impl Filesystem for SwarmFs {
             let _ = config.set_max_readahead(max);
         }
         if self.0.opts.passthrough {
-            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
-                && config.set_max_stack_depth(2).is_ok();
+            let ok =
+                config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(2).is_ok();
             self.0.passthrough.store(ok, Ordering::Relaxed);
             tracing::info!(passthrough = ok, "FUSE passthrough");
         }
@@ -122,12 +107,7 @@ impl Filesystem for SwarmFs {
                 if let Some(len) = size {
                     fs.truncate(ino.0, len)?;
                 }
-                if mode.is_some()
-                    || uid.is_some()
-                    || gid.is_some()
-                    || atime.is_some()
-                    || mtime.is_some()
-                {
+                if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
                     fs.names.update(ino.0, |n| {
                         if let Some(m) = mode {
                             n.perm = m & 0o7777;
@@ -170,15 +150,7 @@ impl Filesystem for SwarmFs {
         }
     }
 
-    fn mkdir(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         match self.make(req, parent, name, Kind::Dir, mode & !umask) {
             Ok(ino) => self.entry(ino, reply),
             Err(e) => reply.error(e),
@@ -202,22 +174,13 @@ impl Filesystem for SwarmFs {
         }
     }
 
-    fn symlink(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        link_name: &OsStr,
-        target: &Path,
-        reply: ReplyEntry,
-    ) {
-        let res = self
-            .make(req, parent, link_name, Kind::Symlink, 0o777)
-            .and_then(|ino| {
-                self.0
-                    .names
-                    .update(ino, |n| n.target = target.as_os_str().as_bytes().to_vec())?;
-                Ok(ino)
-            });
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let res = self.make(req, parent, link_name, Kind::Symlink, 0o777).and_then(|ino| {
+            self.0
+                .names
+                .update(ino, |n| n.target = target.as_os_str().as_bytes().to_vec())?;
+            Ok(ino)
+        });
         match res {
             Ok(ino) => self.entry(ino, reply),
             Err(e) => reply.error(e),
@@ -237,19 +200,15 @@ impl Filesystem for SwarmFs {
         if Inner::reserved(parent.0, name) || Inner::reserved(newparent.0, newname) {
             return reply.error(Errno::EROFS);
         }
-        if flags.contains(RenameFlags::RENAME_EXCHANGE)
-            || flags.contains(RenameFlags::RENAME_WHITEOUT)
-        {
+        if flags.contains(RenameFlags::RENAME_EXCHANGE) || flags.contains(RenameFlags::RENAME_WHITEOUT) {
             return reply.error(Errno::EINVAL);
         }
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
-        match self.0.names.rename(
-            parent.0,
-            name.as_bytes(),
-            newparent.0,
-            newname.as_bytes(),
-            no_replace,
-        ) {
+        match self
+            .0
+            .names
+            .rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), no_replace)
+        {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(e.into()),
         }
@@ -352,21 +311,14 @@ impl Filesystem for SwarmFs {
             Err(e) => return reply.error(*e),
         }
         let data = data.to_vec();
-        self.0
-            .spawn(move |fs| match fs.write(ino.0, offset, &data) {
-                Ok(()) => reply.written(data.len() as u32),
-                Err(e) => reply.error(e),
-            });
+        let n = data.len() as u32;
+        self.0.spawn(move |fs| match fs.write(ino.0, offset, data) {
+            Ok(()) => reply.written(n),
+            Err(e) => reply.error(e),
+        });
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         // close(2) sees this reply: publishing here lets a full disk fail the close.
         match self.0.handle(fh.0).as_deref() {
             Ok(Handle::File { write: true, .. }) => {}
@@ -412,11 +364,7 @@ impl Filesystem for SwarmFs {
                 open.remove(&ino.0);
             }
             drop(open);
-            let res = if last {
-                fs.commit(ino.0, &mut guard)
-            } else {
-                Ok(())
-            };
+            let res = if last { fs.commit(ino.0, &mut guard) } else { Ok(()) };
             match res {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
@@ -424,26 +372,12 @@ impl Filesystem for SwarmFs {
         });
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         // Content becomes durable, and published, when the file is closed.
         reply.ok();
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let entries = match self.0.dir_entries(ino.0) {
             Ok(e) => e,
             Err(e) => return reply.error(e),
@@ -556,9 +490,7 @@ impl Filesystem for SwarmFs {
             _backing: None,
         });
         match self.0.attr(ino) {
-            Ok((a, ttl)) => {
-                reply.created(&ttl, &a, Generation(0), FileHandle(fh), FopenFlags::empty())
-            }
+            Ok((a, ttl)) => reply.created(&ttl, &a, Generation(0), FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
     }

@@ -14,20 +14,20 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use super::meta::{key, Meta, TAG_INLINE, TAG_PRESENT};
 use super::{IoContext, Result, Store, StoreError, INLINE_MAX};
 use crate::hash::Hash;
-use crate::tree::{OutboardBuilder, GROUP_SIZE, PAIR_SIZE};
+use crate::tree::{OutboardBuilder, PAIR_SIZE};
 
-const BUF_SIZE: usize = 1 << 20;
+pub(super) const BUF_SIZE: usize = 1 << 20;
 const BUFS: usize = 4;
 
 /// A temp file that is deleted unless it was moved into place.
-struct TempFile {
+pub(super) struct TempFile {
     path: std::path::PathBuf,
-    file: File,
+    pub(super) file: File,
     keep: bool,
 }
 
 impl TempFile {
-    fn create(path: std::path::PathBuf) -> Result<TempFile> {
+    pub(super) fn create(path: std::path::PathBuf) -> Result<TempFile> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -56,9 +56,7 @@ impl Store {
         let what = || format!("cannot read {}", path.display());
         let f = File::open(path).ctx(what)?;
         if f.metadata().ctx(what)?.is_dir() {
-            return Err(StoreError::IsDir {
-                path: path.to_owned(),
-            });
+            return Err(StoreError::IsDir { path: path.to_owned() });
         }
         self.import(f, pin, &path.display().to_string())
     }
@@ -73,9 +71,7 @@ impl Store {
         let ob = TempFile::create(self.tmp_path("obao"))?;
         let (free_tx, free_rx) = sync_channel::<Vec<u8>>(BUFS);
         for _ in 0..BUFS {
-            free_tx
-                .send(vec![0u8; BUF_SIZE])
-                .expect("room for every buffer");
+            free_tx.send(vec![0u8; BUF_SIZE]).expect("room for every buffer");
         }
         let (full_tx, full_rx) = sync_channel::<(Vec<u8>, usize)>(BUFS);
         let (hashed_tx, hashed_rx) = sync_channel::<(Vec<u8>, usize)>(BUFS);
@@ -97,7 +93,7 @@ impl Store {
     }
 
     /// Moves a finished import into place and enters it in the index.
-    fn commit_import(
+    pub(super) fn commit_import(
         &self,
         h: Hash,
         size: u64,
@@ -107,13 +103,10 @@ impl Store {
         pin: bool,
     ) -> Result<()> {
         let inline = size <= INLINE_MAX;
-        if !inline {
-            data.file
-                .sync_data()
-                .ctx(|| "cannot sync the import".into())?;
-            ob.file
-                .sync_data()
-                .ctx(|| "cannot sync the import".into())?;
+        let known = self.meta(&h)?.is_some_and(|m| m.complete);
+        if !inline && !known {
+            data.file.sync_data().ctx(|| "cannot sync the import".into())?;
+            ob.file.sync_data().ctx(|| "cannot sync the import".into())?;
         }
         let _w = self.lock_write();
         let old = self.meta(&h)?;
@@ -123,6 +116,9 @@ impl Store {
                 m.pinned = true;
                 self.put_meta(&h, Some(&old), &mut m, sled::Batch::default())?;
             }
+            // Already stored. Deleting the copy (a large unlink can take a while) need not
+            // hold up the caller.
+            std::thread::spawn(move || drop((data, ob)));
             return Ok(());
         }
         let mut b = sled::Batch::default();
@@ -131,11 +127,9 @@ impl Store {
         } else {
             // Any partial copy is replaced whole; its open handles keep the old inode.
             self.partials_lock().remove(&h);
-            fs::rename(&data.path, self.data_path(&h))
-                .ctx(|| "cannot move the import into blobs/".into())?;
+            fs::rename(&data.path, self.data_path(&h)).ctx(|| "cannot move the import into blobs/".into())?;
             data.keep = true;
-            fs::rename(&ob.path, self.ob_path(&h))
-                .ctx(|| "cannot move the import into blobs/".into())?;
+            fs::rename(&ob.path, self.ob_path(&h)).ctx(|| "cannot move the import into blobs/".into())?;
             ob.keep = true;
             self.sync_blobs_dir()?;
         }
@@ -159,11 +153,7 @@ impl Store {
 }
 
 /// Fills buffers from the source; a short buffer marks the end.
-fn read_stage(
-    src: &mut dyn Read,
-    free: Receiver<Vec<u8>>,
-    full: SyncSender<(Vec<u8>, usize)>,
-) -> io::Result<()> {
+fn read_stage(src: &mut dyn Read, free: Receiver<Vec<u8>>, full: SyncSender<(Vec<u8>, usize)>) -> io::Result<()> {
     while let Ok(mut buf) = free.recv() {
         let mut n = 0;
         while n < buf.len() {
@@ -190,8 +180,7 @@ fn hash_stage(
 ) -> Result<(Hash, u64, Vec<u8>)> {
     let mut size = 0u64;
     let mut first = Vec::new();
-    let mut builder =
-        OutboardBuilder::new(|slot, pair: &[u8; 64]| ob.write_all_at(pair, slot * PAIR_SIZE));
+    let mut builder = OutboardBuilder::new(|slot, pair: &[u8; 64]| ob.write_all_at(pair, slot * PAIR_SIZE));
     let ob_err = |e| StoreError::Io {
         what: "cannot write the store's temp outboard".into(),
         source: e,
@@ -212,11 +201,7 @@ fn hash_stage(
 }
 
 /// Appends each buffer to the temp data file, then returns it to the reader.
-fn write_stage(
-    data: &File,
-    hashed: Receiver<(Vec<u8>, usize)>,
-    free: SyncSender<Vec<u8>>,
-) -> io::Result<()> {
+fn write_stage(data: &File, hashed: Receiver<(Vec<u8>, usize)>, free: SyncSender<Vec<u8>>) -> io::Result<()> {
     let mut out = data;
     while let Ok((buf, n)) = hashed.recv() {
         out.write_all(&buf[..n])?;
@@ -224,169 +209,4 @@ fn write_stage(
         let _ = free.send(buf);
     }
     Ok(())
-}
-
-/// Writes pairs into an outboard file; boxed so a `Staging` can own its builder.
-type FileSink = Box<dyn FnMut(u64, &[u8; 64]) -> io::Result<()> + Send>;
-
-fn file_sink(f: &File) -> io::Result<FileSink> {
-    let f = f.try_clone()?;
-    Ok(Box::new(move |slot, pair: &[u8; 64]| {
-        f.write_all_at(pair, slot * PAIR_SIZE)
-    }))
-}
-
-/// A file being written (through the mount): bytes land in a temp file at any offset, and
-/// while the writes stay sequential from offset 0 the hash and outboard are computed as the
-/// data streams in, so committing needs no second read. A write anywhere else, or a
-/// truncation into what was hashed, drops the running hash; `commit_staged` then hashes the
-/// file in one pass.
-pub struct Staging {
-    data: TempFile,
-    ob: TempFile,
-    builder: Option<OutboardBuilder<FileSink>>,
-    /// Bytes fed to the builder: whole groups only.
-    hashed: u64,
-    /// Bytes after `hashed`, written sequentially but not yet a whole group.
-    tail: Vec<u8>,
-    len: u64,
-}
-
-impl Staging {
-    /// The file's current length.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// True if nothing has been written.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Writes `data` at `off`.
-    pub fn write_at(&mut self, off: u64, data: &[u8]) -> io::Result<()> {
-        self.data.file.write_all_at(data, off)?;
-        self.len = self.len.max(off + data.len() as u64);
-        let at_end = off == self.hashed + self.tail.len() as u64;
-        if let Some(b) = self.builder.as_mut().filter(|_| at_end) {
-            self.tail.extend_from_slice(data);
-            let whole = self.tail.len() / GROUP_SIZE as usize * GROUP_SIZE as usize;
-            if whole > 0 {
-                b.push_all(&self.tail[..whole])?;
-                self.hashed += whole as u64;
-                self.tail.drain(..whole);
-            }
-        } else if self.builder.is_some() {
-            tracing::debug!(
-                off,
-                "write is not sequential; the hash is computed at close"
-            );
-            self.builder = None;
-        }
-        Ok(())
-    }
-
-    /// Truncates or extends the file to `len` bytes.
-    pub fn set_len(&mut self, len: u64) -> io::Result<()> {
-        self.data.file.set_len(len)?;
-        if len >= self.hashed && len <= self.hashed + self.tail.len() as u64 {
-            self.tail.truncate((len - self.hashed) as usize);
-        } else {
-            self.builder = None;
-        }
-        self.len = len;
-        Ok(())
-    }
-
-    /// Reads what was written, for readers of a file that is still open for writing.
-    pub fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
-        let end = (off + buf.len() as u64).min(self.len);
-        if off >= end {
-            return Ok(0);
-        }
-        let n = (end - off) as usize;
-        self.data.file.read_exact_at(&mut buf[..n], off)?;
-        Ok(n)
-    }
-}
-
-impl Store {
-    /// Starts an empty staged file.
-    pub fn stage(&self) -> Result<Staging> {
-        let data = TempFile::create(self.tmp_path("stage"))?;
-        let ob = TempFile::create(self.tmp_path("obao"))?;
-        let sink = file_sink(&ob.file).ctx(|| "cannot open the staging outboard".into())?;
-        Ok(Staging {
-            data,
-            ob,
-            builder: Some(OutboardBuilder::new(sink)),
-            hashed: 0,
-            tail: Vec::new(),
-            len: 0,
-        })
-    }
-
-    /// Starts a staged file holding the first `len` bytes of blob `h` (verified).
-    pub fn stage_from(&self, h: &Hash, len: u64) -> Result<Staging> {
-        let mut s = self.stage()?;
-        let mut r = self.reader(h)?;
-        let mut off = 0;
-        let end = len.min(r.size());
-        while off < end {
-            let chunk = r.read_at(off, ((end - off) as usize).min(BUF_SIZE))?;
-            s.write_at(off, &chunk)
-                .ctx(|| "cannot write the staging file".into())?;
-            off += chunk.len() as u64;
-        }
-        Ok(s)
-    }
-
-    /// Stores a staged file as a blob, pinned if `pin`, and returns its hash and size.
-    pub fn commit_staged(&self, mut s: Staging, pin: bool) -> Result<(Hash, u64)> {
-        let size = s.len;
-        let streamed = s
-            .builder
-            .take()
-            .filter(|_| s.hashed + s.tail.len() as u64 == size);
-        let hash = match streamed {
-            Some(mut b) => {
-                b.push_all(&s.tail)
-                    .ctx(|| "cannot write the staging outboard".into())?;
-                b.finish()
-                    .ctx(|| "cannot write the staging outboard".into())?
-            }
-            None => {
-                // Hash the file in one pass into a fresh outboard.
-                s.ob.file
-                    .set_len(0)
-                    .ctx(|| "cannot reset the staging outboard".into())?;
-                let sink =
-                    file_sink(&s.ob.file).ctx(|| "cannot open the staging outboard".into())?;
-                let mut b = OutboardBuilder::new(sink);
-                let mut buf = vec![0u8; BUF_SIZE];
-                let mut off = 0;
-                while off < size {
-                    let n = ((size - off) as usize).min(BUF_SIZE);
-                    s.data
-                        .file
-                        .read_exact_at(&mut buf[..n], off)
-                        .ctx(|| "cannot read the staging file".into())?;
-                    b.push_all(&buf[..n])
-                        .ctx(|| "cannot write the staging outboard".into())?;
-                    off += n as u64;
-                }
-                b.finish()
-                    .ctx(|| "cannot write the staging outboard".into())?
-            }
-        };
-        let mut first = vec![0u8; size.min(INLINE_MAX) as usize];
-        if size <= INLINE_MAX {
-            s.data
-                .file
-                .read_exact_at(&mut first, 0)
-                .ctx(|| "cannot read the staging file".into())?;
-        }
-        self.commit_import(hash, size, s.data, s.ob, first, pin)?;
-        Ok((hash, size))
-    }
 }

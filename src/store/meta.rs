@@ -41,9 +41,7 @@ impl Meta {
     pub fn encode(&self) -> [u8; 26] {
         let mut out = [0u8; 26];
         out[0] = VERSION;
-        out[1] = (self.complete as u8 * COMPLETE)
-            | (self.pinned as u8 * PINNED)
-            | (self.inline as u8 * INLINE);
+        out[1] = (self.complete as u8 * COMPLETE) | (self.pinned as u8 * PINNED) | (self.inline as u8 * INLINE);
         out[2..10].copy_from_slice(&self.size.to_le_bytes());
         out[10..18].copy_from_slice(&self.present.to_le_bytes());
         out[18..26].copy_from_slice(&self.tick.to_le_bytes());

@@ -21,6 +21,7 @@ mod meta;
 mod partial;
 mod present;
 mod read;
+mod staging;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -33,10 +34,10 @@ use serde::Serialize;
 
 use crate::hash::Hash;
 use crate::tree::{Tree, GROUP_SIZE};
-pub use import::Staging;
 use meta::{key, lru_key, Meta, TAG_INLINE, TAG_LRU, TAG_META, TAG_PRESENT};
 pub use present::Present;
 pub use read::BlobReader;
+pub use staging::Staging;
 
 /// Blobs up to this size are kept inline in the index rather than in files.
 pub const INLINE_MAX: u64 = GROUP_SIZE;
@@ -70,11 +71,7 @@ pub enum StoreError {
         source: crate::bao::VerifyError,
     },
     #[error("blob {hash} is already known with size {known}, not {claimed}")]
-    SizeMismatch {
-        hash: Hash,
-        known: u64,
-        claimed: u64,
-    },
+    SizeMismatch { hash: Hash, known: u64, claimed: u64 },
     #[error("{path}: is a directory")]
     IsDir { path: PathBuf },
     #[error("{what}")]
@@ -101,10 +98,7 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for io::Result<T> {
     fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| StoreError::Io {
-            what: what(),
-            source,
-        })
+        self.map_err(|source| StoreError::Io { what: what(), source })
     }
 }
 
@@ -235,9 +229,7 @@ impl Store {
             used += m.present;
             known.insert(h, m);
         }
-        for e in
-            fs::read_dir(&self.blobs).ctx(|| format!("cannot list {}", self.blobs.display()))?
-        {
+        for e in fs::read_dir(&self.blobs).ctx(|| format!("cannot list {}", self.blobs.display()))? {
             let e = e.ctx(|| "cannot list blobs".into())?;
             let name = e.file_name();
             let name = name.to_string_lossy();
@@ -329,10 +321,7 @@ impl Store {
                 (p.present_bytes(), p.has(last))
             }
             None if m.complete => (m.present, true),
-            None => (
-                m.present,
-                self.present_groups(&hash).is_ok_and(|p| p.contains(last)),
-            ),
+            None => (m.present, self.present_groups(&hash).is_ok_and(|p| p.contains(last))),
         };
         BlobInfo {
             hash,
@@ -373,13 +362,7 @@ impl Store {
 
     /// Writes a new or changed index entry, keeping the LRU key in step. The caller holds
     /// the write lock.
-    pub(crate) fn put_meta(
-        &self,
-        h: &Hash,
-        old: Option<&Meta>,
-        m: &mut Meta,
-        mut b: sled::Batch,
-    ) -> Result<()> {
+    pub(crate) fn put_meta(&self, h: &Hash, old: Option<&Meta>, m: &mut Meta, mut b: sled::Batch) -> Result<()> {
         if let Some(old) = old {
             b.remove(&lru_key(old.tick, h)[..]);
         }
@@ -452,11 +435,7 @@ impl Store {
 
     /// Makes every recorded change durable: partial blobs' bytes, then the index.
     pub fn flush(&self) -> Result<()> {
-        let partials: Vec<_> = self
-            .partials_lock()
-            .iter()
-            .map(|(h, p)| (*h, p.clone()))
-            .collect();
+        let partials: Vec<_> = self.partials_lock().iter().map(|(h, p)| (*h, p.clone())).collect();
         for (h, p) in partials {
             let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
             self.flush_partial(&h, &mut p)?;
@@ -515,19 +494,14 @@ fn take_lock(dir: &Path) -> Result<File> {
             let pid = pid.trim();
             return Err(StoreError::Busy {
                 dir: dir.to_owned(),
-                pid: if pid.is_empty() {
-                    "unknown".into()
-                } else {
-                    pid.into()
-                },
+                pid: if pid.is_empty() { "unknown".into() } else { pid.into() },
             });
         }
         Err(fs::TryLockError::Error(e)) => {
             return Err(e).ctx(|| format!("cannot lock {}", path.display()));
         }
     }
-    f.set_len(0)
-        .ctx(|| format!("cannot write {}", path.display()))?;
+    f.set_len(0).ctx(|| format!("cannot write {}", path.display()))?;
     write!(f, "{}", std::process::id()).ctx(|| format!("cannot write {}", path.display()))?;
     Ok(f)
 }

@@ -67,10 +67,7 @@ impl Store {
         if m.complete {
             return Ok(Present::full(groups));
         }
-        let v = self
-            .db
-            .get(key(TAG_PRESENT, h))
-            .map_err(|e| self.db_err(e))?;
+        let v = self.db.get(key(TAG_PRESENT, h)).map_err(|e| self.db_err(e))?;
         Ok(v.and_then(|v| Present::from_bytes(groups, &v))
             .unwrap_or_else(|| Present::new(groups)))
     }
@@ -109,9 +106,7 @@ impl Store {
             }
         }
         let tree = Tree::new(size);
-        let present = self
-            .present_groups(h)
-            .unwrap_or_else(|_| Present::new(tree.groups()));
+        let present = self.present_groups(h).unwrap_or_else(|_| Present::new(tree.groups()));
         let open = |p: std::path::PathBuf, len: u64| -> Result<File> {
             let f = OpenOptions::new()
                 .read(true)
@@ -120,8 +115,7 @@ impl Store {
                 .truncate(false)
                 .open(&p)
                 .ctx(|| format!("cannot create {}", p.display()))?;
-            f.set_len(len)
-                .ctx(|| format!("cannot size {}", p.display()))?;
+            f.set_len(len).ctx(|| format!("cannot size {}", p.display()))?;
             Ok(f)
         };
         let data = open(self.data_path(h), size)?;
@@ -149,13 +143,7 @@ impl Store {
     /// Reads the encoding of the groups in `want` for blob `h` of `size` bytes from `input`,
     /// verifies it and stores every verified group. Returns true once the blob is complete.
     /// On bad data, whatever verified before it is kept and `BadData` is returned.
-    pub fn write_encoded(
-        &self,
-        h: &Hash,
-        size: u64,
-        want: &[Range<u64>],
-        input: &mut dyn Read,
-    ) -> Result<bool> {
+    pub fn write_encoded(&self, h: &Hash, size: u64, want: &[Range<u64>], input: &mut dyn Read) -> Result<bool> {
         let tree = Tree::new(size);
         if let Some(m) = self.meta(h)?.filter(|m| m.complete) {
             if m.size != size {
@@ -215,13 +203,7 @@ impl Store {
     }
 
     /// A blob of one group is verified whole and kept inline.
-    fn write_single(
-        &self,
-        h: &Hash,
-        size: u64,
-        want: &[Range<u64>],
-        input: &mut dyn Read,
-    ) -> Result<bool> {
+    fn write_single(&self, h: &Hash, size: u64, want: &[Range<u64>], input: &mut dyn Read) -> Result<bool> {
         let mut got = None;
         bao::decode(Tree::new(size), h, want, input, &mut |item| {
             if let Item::Group { data, .. } = item {
@@ -317,8 +299,7 @@ impl Store {
         let mut b = sled::Batch::default();
         b.insert(&key(TAG_PRESENT, h)[..], present.to_bytes());
         self.put_meta(h, Some(m), &mut new, b)?;
-        self.used
-            .fetch_sub(m.present - new.present, Ordering::Relaxed);
+        self.used.fetch_sub(m.present - new.present, Ordering::Relaxed);
         Ok(())
     }
 
@@ -339,16 +320,14 @@ impl Store {
         }
         let mut reader = self.reader_for(h, &m)?;
         let mut counter = Counter { inner: out, n: 0 };
-        reader
-            .encode_to(want, &mut counter)
-            .map_err(|source| match source {
-                bao::VerifyError::BadGroup { group } => reader_corrupt(h, &tree, group),
-                bao::VerifyError::BadPair { groups } => reader_corrupt(h, &tree, groups.start),
-                bao::VerifyError::Io(e) => StoreError::Io {
-                    what: format!("cannot serve blob {h}"),
-                    source: e,
-                },
-            })?;
+        reader.encode_to(want, &mut counter).map_err(|source| match source {
+            bao::VerifyError::BadGroup { group } => reader_corrupt(h, &tree, group),
+            bao::VerifyError::BadPair { groups } => reader_corrupt(h, &tree, groups.start),
+            bao::VerifyError::Io(e) => StoreError::Io {
+                what: format!("cannot serve blob {h}"),
+                source: e,
+            },
+        })?;
         Ok(counter.n)
     }
 }

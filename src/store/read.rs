@@ -56,10 +56,7 @@ impl OutboardPages {
                 let mut buf = Box::new([0u8; PAGE as usize]);
                 let n = read_full_at(&self.file, &mut buf[..], page * PAGE)?;
                 if n < off + 64 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "outboard is short",
-                    ));
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "outboard is short"));
                 }
                 if self.pages.len() == PAGES {
                     self.pages.remove(0);
@@ -98,15 +95,10 @@ impl Store {
     pub(crate) fn reader_for(&self, h: &Hash, m: &Meta) -> Result<BlobReader> {
         let tree = Tree::new(m.size);
         let src = if m.inline {
-            let v = self
-                .db
-                .get(key(TAG_INLINE, h))
-                .map_err(|e| self.db_err(e))?;
+            let v = self.db.get(key(TAG_INLINE, h)).map_err(|e| self.db_err(e))?;
             Source::Inline(v.map(|v| v.to_vec()).unwrap_or_default())
         } else {
-            let open = |p: std::path::PathBuf| {
-                File::open(&p).ctx(|| format!("cannot open {}", p.display()))
-            };
+            let open = |p: std::path::PathBuf| File::open(&p).ctx(|| format!("cannot open {}", p.display()));
             Source::File {
                 data: open(self.data_path(h))?,
                 ob: OutboardPages {
@@ -212,20 +204,8 @@ impl BlobReader {
             Ok(())
         };
         match &mut self.src {
-            Source::Inline(_) => walk(
-                tree,
-                &hash,
-                want.clone(),
-                &mut |_| unreachable!("one group"),
-                &mut leaf,
-            ),
-            Source::File { ob, .. } => walk(
-                tree,
-                &hash,
-                want.clone(),
-                &mut |slot| ob.pair(slot),
-                &mut leaf,
-            ),
+            Source::Inline(_) => walk(tree, &hash, want.clone(), &mut |_| unreachable!("one group"), &mut leaf),
+            Source::File { ob, .. } => walk(tree, &hash, want.clone(), &mut |slot| ob.pair(slot), &mut leaf),
         }
         .ctx(|| format!("cannot read the outboard of {hash}"))?;
         Ok((exp, bad))
@@ -248,8 +228,7 @@ impl BlobReader {
                 buf.copy_from_slice(d);
             }
             Source::File { data, .. } => {
-                let n = read_full_at(data, buf, start)
-                    .ctx(|| format!("cannot read blob {}", self.hash))?;
+                let n = read_full_at(data, buf, start).ctx(|| format!("cannot read blob {}", self.hash))?;
                 if n < buf.len() {
                     return Err(self.corrupt((start + n as u64) / GROUP_SIZE));
                 }
@@ -369,12 +348,10 @@ impl BlobReader {
             while g < groups {
                 let Ok(mut buf) = free_rx.recv() else { break };
                 let batch = g..(g + BATCH).min(groups);
-                let step = self
-                    .expect(batch.clone())
-                    .and_then(|(expect, bad)| match bad.first() {
-                        Some(&b) => Err(self.corrupt(b)),
-                        None => self.read_raw(&expect, &mut buf).map(|()| expect),
-                    });
+                let step = self.expect(batch.clone()).and_then(|(expect, bad)| match bad.first() {
+                    Some(&b) => Err(self.corrupt(b)),
+                    None => self.read_raw(&expect, &mut buf).map(|()| expect),
+                });
                 match step {
                     Ok(expect) => {
                         if full_tx.send((buf, expect)).is_err() {
