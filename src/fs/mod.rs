@@ -15,7 +15,7 @@ mod ops;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -81,13 +81,18 @@ enum Handle {
 struct OpenFile {
     /// The new content, started on the first write or truncate.
     staging: Option<Staging>,
-    /// Write handles open.
-    writers: usize,
     /// Written since the last explicit mtime, so the commit stamps the time of writing.
     touched: bool,
     /// A write or truncate failed (a full disk): the staged content is not what the program
     /// wrote, so it must never be published.
     failed: bool,
+}
+
+/// The map's entry for a file open for writing. The handle count lives outside the mutex so
+/// that open and release never wait for a commit in progress.
+struct OpenEntry {
+    writers: AtomicUsize,
+    state: Mutex<OpenFile>,
 }
 
 /// Blob inode numbers, both ways.
@@ -109,10 +114,23 @@ pub struct Inner {
     hash_inos: Mutex<HashInos>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
-    open: Mutex<HashMap<u64, Arc<Mutex<OpenFile>>>>,
+    open: Mutex<HashMap<u64, Arc<OpenEntry>>>,
+    /// The length of each staged file, readable without waiting for its `OpenFile` (which a
+    /// commit holds while it fsyncs).
+    staged: Mutex<HashMap<u64, u64>>,
     backing: Mutex<HashMap<u64, Weak<BackingId>>>,
     /// The kernel agreed to passthrough (set in `init`).
     passthrough: AtomicBool,
+}
+
+/// Forgets a file's staged length once its commit is over, whatever the outcome: by then the
+/// name holds the size again.
+struct Unstage<'a>(&'a Inner, u64);
+
+impl Drop for Unstage<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.staged).remove(&self.1);
+    }
 }
 
 /// The filesystem handed to fuser.
@@ -190,6 +208,7 @@ impl SwarmFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             open: Mutex::new(HashMap::new()),
+            staged: Mutex::new(HashMap::new()),
             backing: Mutex::new(HashMap::new()),
             passthrough: AtomicBool::new(false),
         }))
@@ -246,10 +265,7 @@ impl Inner {
     /// The attributes of a user node; an open file reports its staged length.
     fn node_attr(&self, ino: u64, n: &Node) -> FileAttr {
         let size = match n.kind {
-            Kind::File => self
-                .open_file(ino)
-                .and_then(|o| lock(&o).staging.as_ref().map(Staging::len))
-                .unwrap_or(n.size),
+            Kind::File => lock(&self.staged).get(&ino).copied().unwrap_or(n.size),
             Kind::Dir => 4096,
             Kind::Symlink => n.target.len() as u64,
         };
@@ -289,8 +305,34 @@ impl Inner {
         self.names.get(ino)?.ok_or(Errno::ENOENT)
     }
 
-    fn open_file(&self, ino: u64) -> Option<Arc<Mutex<OpenFile>>> {
+    fn open_file(&self, ino: u64) -> Option<Arc<OpenEntry>> {
         lock(&self.open).get(&ino).cloned()
+    }
+
+    /// Counts a new write handle on `ino`.
+    fn add_writer(&self, ino: u64, new_file: bool) {
+        let mut open = lock(&self.open);
+        let e = open.entry(ino).or_insert_with(|| {
+            Arc::new(OpenEntry {
+                writers: AtomicUsize::new(0),
+                state: Mutex::new(OpenFile {
+                    staging: None,
+                    touched: new_file,
+                    failed: false,
+                }),
+            })
+        });
+        e.writers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drops a write handle; returns the entry if it was the last, for the caller to commit.
+    fn remove_writer(&self, ino: u64) -> Option<Arc<OpenEntry>> {
+        let mut open = lock(&self.open);
+        let e = open.get(&ino)?;
+        if e.writers.fetch_sub(1, Ordering::Relaxed) == 1 {
+            return open.remove(&ino);
+        }
+        None
     }
 
     /// Names in the root that are blob names belong to the read-only hash namespace.
@@ -329,7 +371,7 @@ impl Inner {
             }
             Handle::File { ino, reader, .. } => {
                 if let Some(o) = self.open_file(*ino) {
-                    let o = lock(&o);
+                    let o = lock(&o.state);
                     if let Some(s) = &o.staging {
                         let mut buf = vec![0u8; size as usize];
                         let n = s
@@ -371,11 +413,13 @@ impl Inner {
     /// Writes to an open user file.
     fn write(&self, ino: u64, off: u64, data: Vec<u8>) -> Result<(), Errno> {
         let o = self.open_file(ino).ok_or(Errno::EBADF)?;
-        let mut o = lock(&o);
+        let mut o = lock(&o.state);
         o.touched = true;
         let res = self.staging(ino, &mut o, u64::MAX).and_then(|s| {
             s.write_owned(off, data)
-                .map_err(|e| io_errno("writing a staged file", e))
+                .map_err(|e| io_errno("writing a staged file", e))?;
+            lock(&self.staged).insert(ino, s.len());
+            Ok(())
         });
         o.failed |= res.is_err();
         res
@@ -384,6 +428,7 @@ impl Inner {
     /// Stores an open file's staged content as a blob, pins it, and points the name at it.
     /// Nothing is published if this fails.
     fn commit(&self, ino: u64, o: &mut OpenFile) -> Result<(), Errno> {
+        let _unstage = Unstage(self, ino);
         if o.failed {
             // Drop the staged bytes; the name keeps what it had.
             o.staging = None;
@@ -426,16 +471,17 @@ impl Inner {
         let open = self.open_file(ino);
         let mut closed = OpenFile {
             staging: None,
-            writers: 0,
             touched: true,
             failed: false,
         };
-        let mut guard = open.as_ref().map(|o| lock(o));
+        let mut guard = open.as_ref().map(|o| lock(&o.state));
         let o = guard.as_deref_mut().unwrap_or(&mut closed);
         o.touched = true;
-        let res = self
-            .staging(ino, o, len)
-            .and_then(|s| s.set_len(len).map_err(|e| io_errno("truncating a staged file", e)));
+        let res = self.staging(ino, o, len).and_then(|s| {
+            s.set_len(len).map_err(|e| io_errno("truncating a staged file", e))?;
+            lock(&self.staged).insert(ino, len);
+            Ok(())
+        });
         o.failed |= res.is_err();
         res?;
         if open.is_none() {

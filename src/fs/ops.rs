@@ -5,7 +5,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::SystemTime;
 
 use fuser::{
@@ -14,7 +14,7 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use super::{lock, Handle, Inner, OpenFile, SwarmFs, HASH_XATTR};
+use super::{lock, Handle, Inner, SwarmFs, HASH_XATTR};
 use crate::names::{self, Kind, Node};
 
 /// Largest read and write we ask the kernel for.
@@ -129,7 +129,7 @@ impl Filesystem for SwarmFs {
                     if mtime.is_some() {
                         // An explicit mtime (cp -a, rsync) outlives the writes before it.
                         if let Some(o) = fs.open_file(ino.0) {
-                            lock(&o).touched = false;
+                            lock(&o.state).touched = false;
                         }
                     }
                 }
@@ -241,18 +241,7 @@ impl Filesystem for SwarmFs {
             return reply.error(Errno::EISDIR);
         }
         if write {
-            let o = lock(&self.0.open)
-                .entry(ino.0)
-                .or_insert_with(|| {
-                    Arc::new(Mutex::new(OpenFile {
-                        staging: None,
-                        writers: 0,
-                        touched: false,
-                        failed: false,
-                    }))
-                })
-                .clone();
-            lock(&o).writers += 1;
+            self.0.add_writer(ino.0, false);
         }
         // A reader of a complete blob that nobody is writing can go straight to its file.
         let backing = match (write, node.hash, self.0.open_file(ino.0)) {
@@ -328,7 +317,7 @@ impl Filesystem for SwarmFs {
             let Some(o) = fs.open_file(ino.0) else {
                 return reply.ok();
             };
-            let mut o = lock(&o);
+            let mut o = lock(&o.state);
             match fs.commit(ino.0, &mut o) {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
@@ -353,18 +342,10 @@ impl Filesystem for SwarmFs {
             return reply.ok();
         }
         self.0.spawn(move |fs| {
-            let mut open = lock(&fs.open);
-            let Some(o) = open.get(&ino.0).cloned() else {
-                return reply.ok();
+            let res = match fs.remove_writer(ino.0) {
+                Some(last) => fs.commit(ino.0, &mut lock(&last.state)),
+                None => Ok(()),
             };
-            let mut guard = lock(&o);
-            guard.writers -= 1;
-            let last = guard.writers == 0;
-            if last {
-                open.remove(&ino.0);
-            }
-            drop(open);
-            let res = if last { fs.commit(ino.0, &mut guard) } else { Ok(()) };
             match res {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
@@ -474,15 +455,7 @@ impl Filesystem for SwarmFs {
             Ok(ino) => ino,
             Err(e) => return reply.error(e),
         };
-        lock(&self.0.open).insert(
-            ino,
-            Arc::new(Mutex::new(OpenFile {
-                staging: None,
-                writers: 1,
-                touched: true,
-                failed: false,
-            })),
-        );
+        self.0.add_writer(ino, true);
         let fh = self.0.new_fh(Handle::File {
             ino,
             write: true,
