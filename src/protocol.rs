@@ -1,0 +1,305 @@
+//! The blob protocol, `/swarmfs/blobs/1`: how one node asks another for verified ranges of a
+//! blob. This module's docs, with `docs/protocol.md`, are the specification.
+//!
+//! Goals: a reader fetches exactly the 16 KiB groups it needs, verifies every byte as it
+//! arrives (the body is the encoding in `bao.rs`), and learns the blob's size. A node that
+//! holds only part of a blob serves what it holds. Every message is bounded.
+//!
+//! Non-goals: discovery (that is the DHT), transfer of several blobs per stream, compression.
+//!
+//! One request per stream. All integers are little-endian.
+//!
+//! ```text
+//! request  = kind:u8 (1 = GET)  hash:[u8; 32]  count:u16  count × (start:u64 end:u64)
+//! response = status:u8
+//!            if status = 0 (OK):  size:u64  count:u16  count × (start:u64 end:u64)  body
+//! ```
+//!
+//! Ranges are half-open runs of groups (group `g` is bytes `16384·g .. 16384·(g+1)`), sorted,
+//! disjoint and non-empty. The ranges in the response are the part of the request the node
+//! holds and verified (clamped to the blob); the body is the encoding of exactly those. Other
+//! statuses end the response: 1 = the node does not have the blob, 2 = busy (too many
+//! requests from this peer; try another), 3 = the request was malformed. Kinds and statuses
+//! not listed are reserved; a node answers an unknown kind with status 3.
+
+use std::io::{self, Read, Write};
+use std::ops::Range;
+
+use crate::hash::Hash;
+
+/// The protocol name negotiated on the stream.
+pub const PROTOCOL: &str = "/swarmfs/blobs/1";
+/// Most ranges in one request or response.
+pub const MAX_RANGES: usize = 256;
+/// Most groups one request may ask for (64 MiB).
+pub const MAX_GROUPS: u64 = 4096;
+/// The largest request on the wire.
+pub const MAX_REQUEST_LEN: usize = 1 + 32 + 2 + 16 * MAX_RANGES;
+
+const KIND_GET: u8 = 1;
+
+/// How a node answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Ok = 0,
+    NotFound = 1,
+    Busy = 2,
+    BadRequest = 3,
+}
+
+/// A malformed or oversized message.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("unknown request kind {0}")]
+    UnknownKind(u8),
+    #[error("unknown response status {0}")]
+    UnknownStatus(u8),
+    #[error("{0} ranges is more than the limit of {MAX_RANGES}")]
+    TooManyRanges(usize),
+    #[error("{0} groups is more than the limit of {MAX_GROUPS}")]
+    TooManyGroups(u64),
+    #[error("ranges must be non-empty, sorted and disjoint")]
+    BadRanges,
+}
+
+/// A request for groups of a blob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub hash: Hash,
+    pub ranges: Vec<Range<u64>>,
+}
+
+/// The head of a response; for `Status::Ok` the encoding of `ranges` follows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub status: Status,
+    pub size: u64,
+    pub ranges: Vec<Range<u64>>,
+}
+
+fn check_ranges(ranges: &[Range<u64>], limit_groups: bool) -> Result<(), ProtocolError> {
+    if ranges.len() > MAX_RANGES {
+        return Err(ProtocolError::TooManyRanges(ranges.len()));
+    }
+    let mut last_end = 0;
+    let mut total = 0u64;
+    for (i, r) in ranges.iter().enumerate() {
+        if r.start >= r.end || (i > 0 && r.start < last_end) {
+            return Err(ProtocolError::BadRanges);
+        }
+        last_end = r.end;
+        total = total.saturating_add(r.end - r.start);
+    }
+    if limit_groups && total > MAX_GROUPS {
+        return Err(ProtocolError::TooManyGroups(total));
+    }
+    Ok(())
+}
+
+fn put_ranges(out: &mut Vec<u8>, ranges: &[Range<u64>]) {
+    out.extend_from_slice(&(ranges.len() as u16).to_le_bytes());
+    for r in ranges {
+        out.extend_from_slice(&r.start.to_le_bytes());
+        out.extend_from_slice(&r.end.to_le_bytes());
+    }
+}
+
+fn get_ranges(r: &mut dyn Read) -> Result<Vec<Range<u64>>, ProtocolError> {
+    let mut n = [0u8; 2];
+    r.read_exact(&mut n)?;
+    let n = u16::from_le_bytes(n) as usize;
+    if n > MAX_RANGES {
+        return Err(ProtocolError::TooManyRanges(n));
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut b = [0u8; 16];
+        r.read_exact(&mut b)?;
+        let start = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
+        let end = u64::from_le_bytes(b[8..].try_into().expect("8 bytes"));
+        out.push(start..end);
+    }
+    Ok(out)
+}
+
+impl Request {
+    /// The bytes on the wire; fails if the request breaks a limit.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        check_ranges(&self.ranges, true)?;
+        let mut out = Vec::with_capacity(35 + 16 * self.ranges.len());
+        out.push(KIND_GET);
+        out.extend_from_slice(self.hash.as_bytes());
+        put_ranges(&mut out, &self.ranges);
+        Ok(out)
+    }
+
+    /// Reads and checks a request.
+    pub fn read(r: &mut dyn Read) -> Result<Request, ProtocolError> {
+        let mut head = [0u8; 33];
+        r.read_exact(&mut head)?;
+        if head[0] != KIND_GET {
+            return Err(ProtocolError::UnknownKind(head[0]));
+        }
+        let hash = Hash::from_bytes(head[1..].try_into().expect("32 bytes"));
+        let ranges = get_ranges(r)?;
+        check_ranges(&ranges, true)?;
+        Ok(Request { hash, ranges })
+    }
+}
+
+impl ResponseHead {
+    /// A response that ends at its status.
+    pub fn refuse(status: Status) -> ResponseHead {
+        ResponseHead {
+            status,
+            size: 0,
+            ranges: Vec::new(),
+        }
+    }
+
+    /// The bytes on the wire.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        let mut out = vec![self.status as u8];
+        if self.status == Status::Ok {
+            check_ranges(&self.ranges, true)?;
+            out.extend_from_slice(&self.size.to_le_bytes());
+            put_ranges(&mut out, &self.ranges);
+        }
+        Ok(out)
+    }
+
+    /// Writes the head.
+    pub fn write(&self, w: &mut dyn Write) -> Result<(), ProtocolError> {
+        w.write_all(&self.encode()?)?;
+        Ok(())
+    }
+
+    /// Reads and checks a head.
+    pub fn read(r: &mut dyn Read) -> Result<ResponseHead, ProtocolError> {
+        let mut s = [0u8; 1];
+        r.read_exact(&mut s)?;
+        let status = match s[0] {
+            0 => Status::Ok,
+            1 => Status::NotFound,
+            2 => Status::Busy,
+            3 => Status::BadRequest,
+            x => return Err(ProtocolError::UnknownStatus(x)),
+        };
+        if status != Status::Ok {
+            return Ok(ResponseHead::refuse(status));
+        }
+        let mut size = [0u8; 8];
+        r.read_exact(&mut size)?;
+        let ranges = get_ranges(r)?;
+        check_ranges(&ranges, true)?;
+        Ok(ResponseHead {
+            status,
+            size: u64::from_le_bytes(size),
+            ranges,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)]
+mod tests {
+    use super::*;
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// Golden encodings: these bytes are the protocol. Changing them breaks old peers.
+    #[test]
+    fn golden_request() {
+        let req = Request {
+            hash: Hash::EMPTY,
+            ranges: vec![0..1, 4..6],
+        };
+        let wire = req.encode().unwrap();
+        let want = concat!(
+            "01",                                                               // kind: GET
+            "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262", // hash
+            "0200",                                                             // 2 ranges
+            "0000000000000000",
+            "0100000000000000", // 0..1
+            "0400000000000000",
+            "0600000000000000", // 4..6
+        );
+        assert_eq!(hex(&wire), want);
+        assert_eq!(Request::read(&mut &wire[..]).unwrap(), req);
+    }
+
+    #[test]
+    fn golden_responses() {
+        let ok = ResponseHead {
+            status: Status::Ok,
+            size: 70000,
+            ranges: vec![4..5],
+        };
+        let wire = ok.encode().unwrap();
+        let want = concat!(
+            "00",               // status: OK
+            "7011010000000000", // size: 70000
+            "0100",             // 1 range
+            "0400000000000000",
+            "0500000000000000", // 4..5
+        );
+        assert_eq!(hex(&wire), want);
+        assert_eq!(ResponseHead::read(&mut &wire[..]).unwrap(), ok);
+        for (status, byte) in [
+            (Status::NotFound, "01"),
+            (Status::Busy, "02"),
+            (Status::BadRequest, "03"),
+        ] {
+            let wire = ResponseHead::refuse(status).encode().unwrap();
+            assert_eq!(hex(&wire), byte);
+            assert_eq!(ResponseHead::read(&mut &wire[..]).unwrap().status, status);
+        }
+    }
+
+    #[test]
+    fn limits_and_malformed_input_are_refused() {
+        let h = Hash::EMPTY;
+        let too_many = Request {
+            hash: h,
+            ranges: (0..MAX_RANGES as u64 + 1).map(|i| 2 * i..2 * i + 1).collect(),
+        };
+        assert!(matches!(too_many.encode(), Err(ProtocolError::TooManyRanges(_))));
+        let too_big = Request {
+            hash: h,
+            ranges: vec![0..MAX_GROUPS + 1],
+        };
+        assert!(matches!(too_big.encode(), Err(ProtocolError::TooManyGroups(_))));
+        for bad in [vec![3..3], vec![4..6, 5..7], vec![5..6, 1..2]] {
+            let r = Request { hash: h, ranges: bad };
+            assert!(matches!(r.encode(), Err(ProtocolError::BadRanges)));
+        }
+        let mut wire = Request {
+            hash: h,
+            ranges: vec![0..1],
+        }
+        .encode()
+        .unwrap();
+        wire[0] = 9;
+        assert!(matches!(
+            Request::read(&mut &wire[..]),
+            Err(ProtocolError::UnknownKind(9))
+        ));
+        assert!(matches!(Request::read(&mut &wire[..10]), Err(ProtocolError::Io(_))));
+        assert!(matches!(
+            ResponseHead::read(&mut &[7u8][..]),
+            Err(ProtocolError::UnknownStatus(7))
+        ));
+        // A count beyond the limit is refused before anything is allocated for it.
+        let mut wire = vec![KIND_GET];
+        wire.extend_from_slice(h.as_bytes());
+        wire.extend_from_slice(&u16::MAX.to_le_bytes());
+        assert!(matches!(
+            Request::read(&mut &wire[..]),
+            Err(ProtocolError::TooManyRanges(_))
+        ));
+    }
+}
