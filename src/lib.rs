@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod fs;
 pub mod hash;
 pub mod names;
+pub mod net;
 pub mod protocol;
 pub mod store;
 pub mod tree;

@@ -7,4 +7,5 @@ mod util;
 mod cli;
 mod crash;
 mod mount;
+mod net;
 mod store;

@@ -1,0 +1,687 @@
+//! The peer network: a libp2p node (TCP + noise + yamux, identify, ping, Kademlia, mDNS) and
+//! the blob protocol on libp2p streams.
+//!
+//! One task owns the `Swarm` (the event loop); everything else talks to it through `Net`, a
+//! cloneable handle that sends commands with a oneshot for the reply, as in rust-libp2p's
+//! file-sharing example. Blob streams go through `libp2p_stream::Control` and never touch the
+//! swarm.
+//!
+//! Serving: only verified local groups are sent (`Store::encode` re-verifies them), a peer may
+//! have `MAX_REQUESTS_PER_PEER` requests in flight, and the rest are told "busy".
+//! Fetching: every byte is verified as it arrives (`Store::write_encoded`); a peer that sends
+//! a bad block is disconnected and banned for the session.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read, Write};
+use std::ops::Range;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::identity::Keypair;
+use libp2p::kad::{self, store::MemoryStore, store::MemoryStoreConfig, GetProvidersOk, QueryResult};
+use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::hash::Hash;
+use crate::protocol::{self, Request, ResponseHead, Status};
+use crate::store::{Store, StoreError};
+use crate::tree::Tree;
+
+/// The Kademlia protocol name: our own DHT, apart from IPFS's.
+pub const KAD_PROTOCOL: &str = "/swarmfs/kad/1.0.0";
+/// The default TCP port; `--listen` overrides it.
+pub const DEFAULT_PORT: u16 = 4701;
+/// Requests a peer may have in flight with us before it is told "busy".
+const MAX_REQUESTS_PER_PEER: usize = 8;
+/// How long one blob request may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bytes handed from the store to a stream at a time.
+const CHUNK: usize = 64 * 1024;
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    kad: kad::Behaviour<MemoryStore>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    stream: libp2p_stream::Behaviour,
+}
+
+/// How the node runs.
+#[derive(Clone, Debug, Default)]
+pub struct NetOptions {
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub mdns: bool,
+    /// Tests only: corrupt one byte of every response body (see the malicious-peer test).
+    pub corrupt_responses: bool,
+}
+
+/// What `status` shows about the node.
+#[derive(Clone, Debug, Serialize)]
+pub struct NetInfo {
+    pub peer_id: String,
+    /// Full multiaddrs, ending in `/p2p/<peer id>`.
+    pub listen: Vec<String>,
+    pub peers: Vec<String>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+/// Bytes moved by the blob protocol.
+#[derive(Default)]
+pub struct Counters {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+}
+
+enum Cmd {
+    Provide(Hash),
+    Providers(Hash, oneshot::Sender<HashSet<PeerId>>),
+    Info(oneshot::Sender<(Vec<Multiaddr>, Vec<PeerId>)>),
+    Ban(PeerId),
+}
+
+/// A handle on the running node.
+#[derive(Clone)]
+pub struct Net {
+    tx: mpsc::Sender<Cmd>,
+    control: libp2p_stream::Control,
+    peer_id: PeerId,
+    store: Arc<Store>,
+    pub counters: Arc<Counters>,
+    banned: Arc<Mutex<HashSet<PeerId>>>,
+}
+
+/// Why a fetch from one peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("peer {0} does not have it")]
+    NotFound(PeerId),
+    #[error("peer {0} is busy")]
+    Busy(PeerId),
+    #[error("peer {0} refused the request as malformed")]
+    Refused(PeerId),
+    #[error("peer {peer} sent data that failed verification; it is banned for this session")]
+    Bad { peer: PeerId },
+    #[error("peer {peer}: {source}")]
+    Transfer { peer: PeerId, source: io::Error },
+    #[error("peer {0} timed out")]
+    Timeout(PeerId),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What one successful request brought.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub size: u64,
+    /// The groups the peer sent (verified and stored).
+    pub ranges: Vec<Range<u64>>,
+    /// The blob is now complete locally.
+    pub complete: bool,
+}
+
+/// Loads the node's key from `DATA_DIR/identity.key` (mode 0600), creating it the first time,
+/// so the peer id is the same across restarts.
+pub fn load_identity(data_dir: &Path) -> Result<Keypair> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let path = data_dir.join("identity.key");
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            }
+            Keypair::from_protobuf_encoding(&bytes).with_context(|| format!("{} is not a valid key", path.display()))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let key = Keypair::generate_ed25519();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            f.write_all(&key.to_protobuf_encoding()?)?;
+            f.sync_all()?;
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn record_key(h: &Hash) -> kad::RecordKey {
+    kad::RecordKey::new(h.as_bytes())
+}
+
+/// The peer id at the end of a multiaddr, if any.
+fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+impl Net {
+    /// Starts the node on the current tokio runtime.
+    pub async fn start(store: Arc<Store>, key: Keypair, opts: NetOptions) -> Result<Net> {
+        let peer_id = key.public().to_peer_id();
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )?
+            .with_behaviour(|key| {
+                let mut cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+                cfg.set_query_timeout(Duration::from_secs(30));
+                // Provider records live 48 h and are republished every 12 h (libp2p's
+                // defaults, spelled out): well before they expire.
+                cfg.set_provider_record_ttl(Some(Duration::from_secs(48 * 3600)));
+                cfg.set_provider_publication_interval(Some(Duration::from_secs(12 * 3600)));
+                let kstore = MemoryStore::with_config(
+                    peer_id,
+                    MemoryStoreConfig {
+                        // No cap of 1024 keys: a node provides every blob it holds.
+                        max_provided_keys: usize::MAX,
+                        max_records: 1 << 20,
+                        ..Default::default()
+                    },
+                );
+                let mut kad = kad::Behaviour::with_config(peer_id, kstore, cfg);
+                kad.set_mode(Some(kad::Mode::Server));
+                let mdns = if opts.mdns {
+                    Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
+                } else {
+                    None
+                };
+                Ok(Behaviour {
+                    kad,
+                    identify: identify::Behaviour::new(identify::Config::new("/swarmfs/1.0.0".into(), key.public())),
+                    ping: ping::Behaviour::default(),
+                    mdns: Toggle::from(mdns),
+                    stream: libp2p_stream::Behaviour::new(),
+                })
+            })?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+            .build();
+        for addr in &opts.listen {
+            swarm
+                .listen_on(addr.clone())
+                .with_context(|| format!("cannot listen on {addr}"))?;
+        }
+        for addr in &opts.bootstrap {
+            if let Some(p) = peer_of(addr) {
+                swarm.behaviour_mut().kad.add_address(&p, addr.clone());
+            }
+            if let Err(e) = swarm.dial(addr.clone()) {
+                tracing::warn!("cannot dial bootstrap peer {addr}: {e}");
+            }
+        }
+        let control = swarm.behaviour().stream.new_control();
+        let (tx, rx) = mpsc::channel(256);
+        let net = Net {
+            tx,
+            control,
+            peer_id,
+            store,
+            counters: Arc::new(Counters::default()),
+            banned: Arc::new(Mutex::new(HashSet::new())),
+        };
+        tokio::spawn(event_loop(swarm, rx, net.banned.clone()));
+        net.clone().serve(opts.corrupt_responses)?;
+        // Announce what is already held.
+        for b in net.store.list()? {
+            if b.complete {
+                net.provide(b.hash).await;
+            }
+        }
+        Ok(net)
+    }
+
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Announces that this node provides blob `h`.
+    pub async fn provide(&self, h: Hash) {
+        let _ = self.tx.send(Cmd::Provide(h)).await;
+    }
+
+    /// Announces `h` from a thread outside the runtime.
+    pub fn provide_blocking(&self, h: Hash) {
+        let _ = self.tx.blocking_send(Cmd::Provide(h));
+    }
+
+    /// Peers that provide `h`, from the DHT, waiting at most `timeout`.
+    pub async fn providers(&self, h: Hash, timeout: Duration) -> Vec<PeerId> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Cmd::Providers(h, tx)).await.is_err() {
+            return Vec::new();
+        }
+        let found = tokio::time::timeout(timeout, rx)
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or_default();
+        let banned = self.banned.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        found
+            .into_iter()
+            .filter(|p| *p != self.peer_id && !banned.contains(p))
+            .collect()
+    }
+
+    /// The node's addresses and connected peers.
+    pub async fn info(&self) -> NetInfo {
+        let (tx, rx) = oneshot::channel();
+        let (listen, peers) = match self.tx.send(Cmd::Info(tx)).await {
+            Ok(()) => rx.await.unwrap_or_default(),
+            Err(_) => Default::default(),
+        };
+        NetInfo {
+            peer_id: self.peer_id.to_string(),
+            listen: listen.iter().map(|a| format!("{a}/p2p/{}", self.peer_id)).collect(),
+            peers: peers.iter().map(|p| p.to_string()).collect(),
+            bytes_sent: self.counters.sent.load(Ordering::Relaxed),
+            bytes_received: self.counters.received.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Connected peers, not banned.
+    pub async fn connected(&self) -> Vec<PeerId> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Cmd::Info(tx)).await.is_err() {
+            return Vec::new();
+        }
+        let banned = self.banned.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        rx.await
+            .map(|(_, p)| p)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| !banned.contains(p))
+            .collect()
+    }
+
+    fn is_banned(&self, p: &PeerId) -> bool {
+        self.banned.lock().unwrap_or_else(|e| e.into_inner()).contains(p)
+    }
+
+    async fn ban(&self, p: PeerId) {
+        tracing::warn!(peer = %p, "banned for this session: it sent data that failed verification");
+        self.banned.lock().unwrap_or_else(|e| e.into_inner()).insert(p);
+        let _ = self.tx.send(Cmd::Ban(p)).await;
+    }
+
+    /// Accepts blob streams and serves them.
+    fn serve(self, corrupt: bool) -> Result<()> {
+        let mut incoming = self
+            .control
+            .clone()
+            .accept(StreamProtocol::new(protocol::PROTOCOL))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let inflight: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
+        tokio::spawn(async move {
+            while let Some((peer, stream)) = incoming.next().await {
+                if self.is_banned(&peer) {
+                    continue;
+                }
+                let me = self.clone();
+                let inflight = inflight.clone();
+                tokio::spawn(async move {
+                    let busy = {
+                        let mut m = inflight.lock().unwrap_or_else(|e| e.into_inner());
+                        let n = m.entry(peer).or_insert(0);
+                        *n += 1;
+                        *n > MAX_REQUESTS_PER_PEER
+                    };
+                    let res =
+                        tokio::time::timeout(REQUEST_TIMEOUT * 3, me.serve_one(peer, stream, busy, corrupt)).await;
+                    match res {
+                        Ok(Err(e)) => tracing::debug!(%peer, "blob request ended: {e}"),
+                        Err(_) => tracing::debug!(%peer, "blob request timed out"),
+                        Ok(Ok(())) => {}
+                    }
+                    let mut m = inflight.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(n) = m.get_mut(&peer) {
+                        *n -= 1;
+                        if *n == 0 {
+                            m.remove(&peer);
+                        }
+                    }
+                });
+            }
+        });
+        Ok(())
+    }
+
+    async fn serve_one(&self, peer: PeerId, mut stream: libp2p::Stream, busy: bool, corrupt: bool) -> io::Result<()> {
+        let req = match read_request(&mut stream).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(%peer, "malformed request: {e}");
+                let head = ResponseHead::refuse(Status::BadRequest)
+                    .encode()
+                    .map_err(io::Error::other)?;
+                stream.write_all(&head).await?;
+                return stream.close().await;
+            }
+        };
+        let refuse = |s| ResponseHead::refuse(s).encode().map_err(io::Error::other);
+        if busy {
+            stream.write_all(&refuse(Status::Busy)?).await?;
+            return stream.close().await;
+        }
+        let (size, present) = match (self.store.info(&req.hash), self.store.present_groups(&req.hash)) {
+            (Ok(Some(info)), Ok(p)) => (info.size, p),
+            _ => {
+                stream.write_all(&refuse(Status::NotFound)?).await?;
+                return stream.close().await;
+            }
+        };
+        // Serve what we hold of what was asked, clamped to the blob.
+        let groups = Tree::new(size).groups();
+        let served: Vec<Range<u64>> = req
+            .ranges
+            .iter()
+            .flat_map(|r| present.present(r.start.min(groups)..r.end.min(groups)))
+            .collect();
+        let head = ResponseHead {
+            status: Status::Ok,
+            size,
+            ranges: served.clone(),
+        };
+        stream.write_all(&head.encode().map_err(io::Error::other)?).await?;
+        // The store encodes (and re-verifies) on a blocking thread; chunks cross a channel.
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+        let store = self.store.clone();
+        let hash = req.hash;
+        let enc = tokio::task::spawn_blocking(move || {
+            let mut w = ChannelWriter {
+                tx,
+                buf: Vec::with_capacity(CHUNK),
+            };
+            let r = store.encode(&hash, &served, &mut w);
+            let _ = w.flush();
+            r
+        });
+        let mut first = true;
+        while let Some(mut chunk) = rx.recv().await {
+            if corrupt && first && !chunk.is_empty() {
+                let i = chunk.len() - 1;
+                chunk[i] ^= 0x01;
+                first = false;
+            }
+            stream.write_all(&chunk).await?;
+            self.counters.sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        if let Ok(Err(e)) = enc.await {
+            tracing::error!(%peer, "serving {hash}: {e}");
+        }
+        stream.close().await
+    }
+
+    /// Asks `peer` for the groups in `ranges` of blob `h`, verifies what arrives and stores it.
+    pub async fn fetch(&self, peer: PeerId, h: Hash, ranges: Vec<Range<u64>>) -> Result<Fetched, FetchError> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.fetch_inner(peer, h, ranges)).await {
+            Ok(r) => r,
+            Err(_) => Err(FetchError::Timeout(peer)),
+        }
+    }
+
+    async fn fetch_inner(&self, peer: PeerId, h: Hash, ranges: Vec<Range<u64>>) -> Result<Fetched, FetchError> {
+        let transfer = |source| FetchError::Transfer { peer, source };
+        let mut stream = self
+            .control
+            .clone()
+            .open_stream(peer, StreamProtocol::new(protocol::PROTOCOL))
+            .await
+            .map_err(|e| transfer(io::Error::other(e.to_string())))?;
+        let req = Request { hash: h, ranges }
+            .encode()
+            .map_err(|e| transfer(io::Error::other(e)))?;
+        stream.write_all(&req).await.map_err(transfer)?;
+        let head = read_head(&mut stream).await.map_err(transfer)?;
+        match head.status {
+            Status::Ok => {}
+            Status::NotFound => return Err(FetchError::NotFound(peer)),
+            Status::Busy => return Err(FetchError::Busy(peer)),
+            Status::BadRequest => return Err(FetchError::Refused(peer)),
+        }
+        let body_len = crate::bao::encoded_len(Tree::new(head.size), &head.ranges);
+        // The body goes through a channel to a blocking thread that verifies and stores it.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let store = self.store.clone();
+        let (size, served) = (head.size, head.ranges.clone());
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut r = ChannelReader {
+                rx,
+                buf: Vec::new(),
+                at: 0,
+            };
+            store.write_encoded(&h, size, &served, &mut r)
+        });
+        let mut left = body_len;
+        let mut buf = vec![0u8; CHUNK];
+        let mut read_err = None;
+        while left > 0 {
+            let n = (left as usize).min(CHUNK);
+            match stream.read(&mut buf[..n]).await {
+                Ok(0) => {
+                    read_err = Some(io::Error::new(io::ErrorKind::UnexpectedEof, "the stream ended early"));
+                    break;
+                }
+                Ok(k) => {
+                    self.counters.received.fetch_add(k as u64, Ordering::Relaxed);
+                    left -= k as u64;
+                    if tx.send(buf[..k].to_vec()).is_err() {
+                        break; // the verifier stopped: its result says why
+                    }
+                }
+                Err(e) => {
+                    read_err = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let stored = writer.await.map_err(|e| transfer(io::Error::other(e)))?;
+        match stored {
+            Ok(complete) => {
+                if let Some(e) = read_err {
+                    return Err(transfer(e));
+                }
+                if complete {
+                    self.provide(h).await;
+                }
+                Ok(Fetched {
+                    size: head.size,
+                    ranges: head.ranges,
+                    complete,
+                })
+            }
+            Err(StoreError::BadData { .. }) => {
+                self.ban(peer).await;
+                Err(FetchError::Bad { peer })
+            }
+            Err(e) => match read_err {
+                Some(re) => Err(transfer(re)),
+                None => Err(e.into()),
+            },
+        }
+    }
+}
+
+async fn read_request(s: &mut libp2p::Stream) -> Result<Request, protocol::ProtocolError> {
+    let mut head = [0u8; 35];
+    s.read_exact(&mut head).await?;
+    let n = u16::from_le_bytes([head[33], head[34]]) as usize;
+    if n > protocol::MAX_RANGES {
+        return Err(protocol::ProtocolError::TooManyRanges(n));
+    }
+    let mut rest = vec![0u8; n * 16];
+    s.read_exact(&mut rest).await?;
+    let mut all = head.to_vec();
+    all.extend_from_slice(&rest);
+    Request::read(&mut &all[..])
+}
+
+async fn read_head(s: &mut libp2p::Stream) -> io::Result<ResponseHead> {
+    let mut status = [0u8; 1];
+    s.read_exact(&mut status).await?;
+    if status[0] != Status::Ok as u8 {
+        return ResponseHead::read(&mut &status[..]).map_err(io::Error::other);
+    }
+    let mut fixed = [0u8; 10];
+    s.read_exact(&mut fixed).await?;
+    let n = u16::from_le_bytes([fixed[8], fixed[9]]) as usize;
+    if n > protocol::MAX_RANGES {
+        return Err(io::Error::other(protocol::ProtocolError::TooManyRanges(n)));
+    }
+    let mut rest = vec![0u8; n * 16];
+    s.read_exact(&mut rest).await?;
+    let mut all = status.to_vec();
+    all.extend_from_slice(&fixed);
+    all.extend_from_slice(&rest);
+    ResponseHead::read(&mut &all[..]).map_err(io::Error::other)
+}
+
+/// A `Write` on a blocking thread that hands full chunks to an async task.
+struct ChannelWriter {
+    tx: mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+            self.tx
+                .blocking_send(chunk)
+                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A `Read` on a blocking thread fed with chunks by an async task.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.buf.len() {
+            match self.rx.recv() {
+                Ok(b) => {
+                    self.buf = b;
+                    self.at = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// The task that owns the swarm.
+async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, banned: Arc<Mutex<HashSet<PeerId>>>) {
+    let mut pending: HashMap<kad::QueryId, (oneshot::Sender<HashSet<PeerId>>, HashSet<PeerId>)> = HashMap::new();
+    let mut listen: Vec<Multiaddr> = Vec::new();
+    let mut bootstrapped = false;
+    loop {
+        tokio::select! {
+            cmd = rx.recv() => match cmd {
+                None => return,
+                Some(Cmd::Provide(h)) => {
+                    if let Err(e) = swarm.behaviour_mut().kad.start_providing(record_key(&h)) {
+                        tracing::warn!(hash = %h, "cannot announce: {e:?}");
+                    }
+                }
+                Some(Cmd::Providers(h, tx)) => {
+                    let q = swarm.behaviour_mut().kad.get_providers(record_key(&h));
+                    pending.insert(q, (tx, HashSet::new()));
+                }
+                Some(Cmd::Info(tx)) => {
+                    let _ = tx.send((listen.clone(), swarm.connected_peers().copied().collect()));
+                }
+                Some(Cmd::Ban(p)) => {
+                    let _ = swarm.disconnect_peer_id(p);
+                    swarm.behaviour_mut().kad.remove_peer(&p);
+                }
+            },
+            ev = swarm.select_next_some() => match ev {
+                SwarmEvent::NewListenAddr { address, .. } => {
+                    tracing::info!("listening on {address}/p2p/{}", swarm.local_peer_id());
+                    listen.push(address);
+                }
+                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                    if banned.lock().unwrap_or_else(|e| e.into_inner()).contains(&peer_id) {
+                        let _ = swarm.disconnect_peer_id(peer_id);
+                        continue;
+                    }
+                    tracing::debug!(peer = %peer_id, "connected");
+                    if endpoint.is_dialer() {
+                        swarm.behaviour_mut().kad.add_address(&peer_id, endpoint.get_remote_address().clone());
+                    }
+                    if !bootstrapped {
+                        bootstrapped = swarm.behaviour_mut().kad.bootstrap().is_ok();
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                    for a in info.listen_addrs {
+                        swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                    for (p, a) in found {
+                        tracing::info!(peer = %p, "found on the local network: {a}");
+                        swarm.behaviour_mut().kad.add_address(&p, a.clone());
+                        let _ = swarm.dial(a);
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                    id, result: QueryResult::GetProviders(res), step, ..
+                })) => {
+                    let done = match res {
+                        Ok(GetProvidersOk::FoundProviders { providers, .. }) => {
+                            if let Some((_, set)) = pending.get_mut(&id) {
+                                set.extend(providers);
+                            }
+                            // Answer as soon as someone has it; the query goes on alone.
+                            pending.get(&id).is_some_and(|(_, s)| !s.is_empty()) || step.last
+                        }
+                        _ => true,
+                    };
+                    if done {
+                        if let Some((tx, set)) = pending.remove(&id) {
+                            let _ = tx.send(set);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
