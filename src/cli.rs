@@ -7,6 +7,7 @@ use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -40,6 +41,9 @@ pub struct Cli {
     /// Print machine-readable JSON
     #[arg(long, global = true)]
     pub json: bool,
+    /// Show progress on stderr (set by a client whose stderr is a terminal)
+    #[arg(long, global = true, hide = true)]
+    pub progress: bool,
     /// The client's working directory, for relative paths run inside the daemon
     #[arg(long, global = true, hide = true, value_name = "DIR")]
     pub cwd: Option<PathBuf>,
@@ -80,6 +84,29 @@ pub enum Command {
     /// Evict unpinned blobs, least recently used first, until the cache fits its cap
     #[command(after_help = "Example:\n  swarmfs --cache-size 5G gc")]
     Gc,
+    /// Fetch a blob from the network, verified, and write it to OUT or stdout; resumes
+    #[command(after_help = "Example:\n  swarmfs get 1f0e...9a3c -o film.mkv")]
+    Get {
+        hash: String,
+        /// Write the blob here instead of stdout
+        #[arg(short, long, value_name = "OUT")]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// List the peers that provide a blob
+    #[command(after_help = "Example:\n  swarmfs providers 1f0e...9a3c")]
+    Providers {
+        hash: String,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// List connected peers (needs a running daemon)
+    #[command(after_help = "Example:\n  swarmfs peers")]
+    Peers,
+    /// Show the node: peer id, addresses, peers, cache, transfers (needs a running daemon)
+    #[command(after_help = "Example:\n  swarmfs status --json")]
+    Status,
     /// Run the daemon in the foreground with DIR mounted (same as `daemon --mount DIR`)
     #[command(
         after_help = "Example:\n  mkdir -p ~/swarm && swarmfs mount ~/swarm\n  (then, in another shell) cp film.mkv ~/swarm/ && getfattr -n user.swarmfs.hash ~/swarm/film.mkv"
@@ -110,12 +137,75 @@ pub enum Command {
 /// Options of the daemon.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DaemonArgs {
+    #[command(flatten)]
+    pub net: NetArgs,
+    /// Address to listen on (repeatable) [default: /ip4/0.0.0.0/tcp/4701]
+    #[arg(long, value_name = "MULTIADDR")]
+    pub listen: Vec<libp2p::Multiaddr>,
     /// Seconds a lookup of a hash that is not local may wait for a peer
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub lookup_timeout: u64,
+    /// Seconds a read may wait for blocks from the network before it fails with EIO
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub read_timeout: u64,
     /// Serve every read through the daemon, never by FUSE passthrough
     #[arg(long)]
     pub no_passthrough: bool,
+    /// Tests only: flip a bit in every blob this node serves
+    #[arg(long, hide = true)]
+    pub test_corrupt_responses: bool,
+}
+
+/// How to reach the network.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NetArgs {
+    /// A peer to join through, e.g. /ip4/192.0.2.7/tcp/4701/p2p/12D3KooW... (repeatable;
+    /// also "bootstrap" in DATA_DIR/config.json)
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<libp2p::Multiaddr>,
+    /// Do not look for peers on the local network (mDNS)
+    #[arg(long)]
+    pub no_mdns: bool,
+}
+
+/// The node, for commands that use the network.
+#[derive(Clone)]
+pub struct NetCtx {
+    pub fetcher: Arc<crate::fetch::Fetcher>,
+    pub rt: tokio::runtime::Handle,
+    pub lookup_timeout: std::time::Duration,
+    pub read_timeout: std::time::Duration,
+}
+
+/// `DATA_DIR/config.json`: settings kept with the data.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct Config {
+    #[serde(default)]
+    pub bootstrap: Vec<String>,
+}
+
+impl Config {
+    /// Reads the config file, if there is one.
+    pub fn load(dir: &Path) -> Result<Config> {
+        let path = dir.join("config.json");
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{} is not valid", path.display())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    /// Bootstrap addresses from the file and the command line.
+    pub fn bootstrap(&self, extra: &[libp2p::Multiaddr]) -> Result<Vec<libp2p::Multiaddr>> {
+        let mut all = extra.to_vec();
+        for a in &self.bootstrap {
+            all.push(
+                a.parse()
+                    .with_context(|| format!("config.json: {a:?} is not a multiaddr"))?,
+            );
+        }
+        Ok(all)
+    }
 }
 
 /// Parses a byte count such as `1048576`, `512K`, `500M`, `20G` or `1T` (powers of 1024).
@@ -172,15 +262,30 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Some(d) => d.clone(),
         None => default_data_dir()?,
     };
-    let daemon = |mount: Option<PathBuf>, opts: &DaemonArgs| {
+    let daemon = |mount: Option<PathBuf>, opts: &DaemonArgs| -> Result<ExitCode> {
+        let config = Config::load(&dir)?;
+        let listen = if opts.listen.is_empty() {
+            vec![format!("/ip4/0.0.0.0/tcp/{}", crate::net::DEFAULT_PORT)
+                .parse()
+                .expect("valid")]
+        } else {
+            opts.listen.clone()
+        };
         crate::daemon::run(crate::daemon::DaemonOptions {
             data_dir: dir.clone(),
             mount,
             cache_size: cli.cache_size,
             lookup_timeout: std::time::Duration::from_secs(opts.lookup_timeout),
+            read_timeout: std::time::Duration::from_secs(opts.read_timeout),
             passthrough: !opts.no_passthrough,
-        })
-        .map(|()| ExitCode::SUCCESS)
+            net: crate::net::NetOptions {
+                listen,
+                bootstrap: config.bootstrap(&opts.net.bootstrap)?,
+                mdns: !opts.net.no_mdns,
+                corrupt_responses: opts.test_corrupt_responses,
+            },
+        })?;
+        Ok(ExitCode::SUCCESS)
     };
     match &cli.command {
         Command::Mount { dir: m, opts } => return daemon(Some(m.clone()), opts),
@@ -197,17 +302,44 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     })? {
         return Ok(ExitCode::from(code));
     }
-    let store = Store::open(
+    let store = Arc::new(Store::open(
         &dir,
         store::Options {
             cache_size: cli.cache_size,
         },
-    )?;
+    )?);
+    // `get` and `providers` without a daemon run a short-lived node.
+    let mut _rt = None;
+    let net = match &cli.command {
+        Command::Get { net, .. } | Command::Providers { net, .. } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let opts = crate::net::NetOptions {
+                listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid")],
+                bootstrap: Config::load(&dir)?.bootstrap(&net.bootstrap)?,
+                mdns: !net.no_mdns,
+                corrupt_responses: false,
+            };
+            let key = crate::net::load_identity(&dir)?;
+            let node = rt.block_on(crate::net::Net::start(store.clone(), key, opts))?;
+            let ctx = NetCtx {
+                fetcher: crate::fetch::Fetcher::new(node, store.clone()),
+                rt: rt.handle().clone(),
+                lookup_timeout: std::time::Duration::from_secs(30),
+                read_timeout: std::time::Duration::from_secs(30),
+            };
+            _rt = Some(rt);
+            Some(ctx)
+        }
+        _ => None,
+    };
     // Plain files on fds 1 and 2 (dups): big writes without line buffering, and Send.
     let mut out =
         io::BufWriter::with_capacity(1 << 16, std::fs::File::from(io::stdout().as_fd().try_clone_to_owned()?));
     let mut err = std::fs::File::from(io::stderr().as_fd().try_clone_to_owned()?);
-    let code = execute(&store, &cli, &mut out, &mut err);
+    let code = execute(&store, &cli, &mut out, &mut err, net.as_ref());
     match out.flush() {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(e.into()),
         _ => {}
@@ -221,6 +353,9 @@ fn forward_args(cli: &Cli) -> Result<Vec<String>> {
     if cli.json {
         a.push("--json".to_string());
     }
+    if io::stderr().is_terminal() {
+        a.push("--progress".to_string());
+    }
     if let Some(c) = cli.cache_size {
         a.push(format!("--cache-size={c}"));
     }
@@ -233,6 +368,16 @@ fn forward_args(cli: &Cli) -> Result<Vec<String>> {
             a.extend(paths.iter().map(|p| p.to_string_lossy().into_owned()));
         }
         Command::Cat { hash } => a.extend(["cat".into(), "--".into(), hash.clone()]),
+        Command::Get { hash, out, .. } => {
+            a.push("get".into());
+            if let Some(o) = out {
+                a.push(format!("--out={}", cwd.join(o).display()));
+            }
+            a.extend(["--".into(), hash.clone()]);
+        }
+        Command::Providers { hash, .. } => a.extend(["providers".into(), "--".into(), hash.clone()]),
+        Command::Peers => a.push("peers".into()),
+        Command::Status => a.push("status".into()),
         Command::Ls => a.push("ls".into()),
         Command::Gc => a.push("gc".into()),
         Command::Pin { hashes } | Command::Unpin { hashes } | Command::Verify { hashes } => {
@@ -255,7 +400,9 @@ fn forward_args(cli: &Cli) -> Result<Vec<String>> {
 /// The hashes a command names, parsed.
 fn hashes(cmd: &Command) -> Result<Vec<Hash>> {
     match cmd {
-        Command::Cat { hash } => Ok(vec![parse_hash(hash)?]),
+        Command::Cat { hash } | Command::Get { hash, .. } | Command::Providers { hash, .. } => {
+            Ok(vec![parse_hash(hash)?])
+        }
         Command::Pin { hashes } | Command::Unpin { hashes } | Command::Verify { hashes } => {
             hashes.iter().map(|h| parse_hash(h)).collect()
         }
@@ -265,14 +412,80 @@ fn hashes(cmd: &Command) -> Result<Vec<Hash>> {
 
 /// Runs a store command with output to `out` and per-item errors to `err`; the offline CLI
 /// and the daemon's control socket both call this. Returns the exit code.
-pub fn execute(store: &Store, cli: &Cli, out: &mut (dyn Write + Send), err: &mut dyn Write) -> Result<u8> {
+pub fn execute(
+    store: &Store,
+    cli: &Cli,
+    out: &mut (dyn Write + Send),
+    err: &mut dyn Write,
+    net: Option<&NetCtx>,
+) -> Result<u8> {
     let hashes = hashes(&cli.command)?;
     if let Some(c) = cli.cache_size {
         store.set_cache_size(c)?;
     }
     match &cli.command {
         Command::Add { paths } => add(store, paths, cli.cwd.as_deref(), cli.json, out, err),
-        Command::Cat { .. } => cat(store, &hashes[0], out),
+        Command::Cat { .. } => {
+            let complete = store.info(&hashes[0])?.is_some_and(|i| i.complete);
+            if let Some(n) = net.filter(|_| !complete) {
+                crate::fetch::fetch_all(n, store, hashes[0], cli.progress, err)?;
+            }
+            cat(store, &hashes[0], out)
+        }
+        Command::Get { out: path, .. } => {
+            let n = net.context("no node to fetch with")?;
+            crate::fetch::fetch_all(n, store, hashes[0], cli.progress, err)?;
+            match path {
+                Some(p) => {
+                    let mut f = std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?;
+                    store.cat(&hashes[0], &mut f)?;
+                    f.sync_all()?;
+                    Ok(0)
+                }
+                None => cat(store, &hashes[0], out),
+            }
+        }
+        Command::Providers { .. } => {
+            let n = net.context("no node to ask")?;
+            let found = n.rt.block_on(n.fetcher.net().providers(hashes[0], n.lookup_timeout));
+            for p in &found {
+                writeln!(out, "{p}")?;
+            }
+            Ok(if found.is_empty() { 1 } else { 0 })
+        }
+        Command::Peers | Command::Status => {
+            let n = net.context(
+                "no daemon is running for this data directory; start one with `swarmfs daemon` or `swarmfs mount DIR`",
+            )?;
+            let info = n.rt.block_on(n.fetcher.net().info());
+            if matches!(cli.command, Command::Peers) {
+                for p in &info.peers {
+                    writeln!(out, "{p}")?;
+                }
+                return Ok(0);
+            }
+            let status = Status {
+                cache_used: store.used(),
+                cache_size: store.cache_size(),
+                active_transfers: n.fetcher.active(),
+                net: info,
+            };
+            if cli.json {
+                serde_json::to_writer_pretty(&mut *out, &status)?;
+                writeln!(out)?;
+            } else {
+                writeln!(out, "peer id    {}", status.net.peer_id)?;
+                for a in &status.net.listen {
+                    writeln!(out, "listening  {a}")?;
+                }
+                writeln!(out, "peers      {}", status.net.peers.len())?;
+                writeln!(out, "cache      {} of {} bytes", status.cache_used, status.cache_size)?;
+                writeln!(out, "transfers  {} active", status.active_transfers)?;
+                writeln!(out, "sent       {} bytes", status.net.bytes_sent)?;
+                writeln!(out, "received   {} bytes", status.net.bytes_received)?;
+            }
+            Ok(0)
+        }
         Command::Ls => ls(store, cli.json, out),
         Command::Pin { .. } | Command::Unpin { .. } => {
             let pin = matches!(cli.command, Command::Pin { .. });
@@ -297,6 +510,16 @@ pub fn b3sum_line(h: &Hash, path: &Path) -> String {
     } else {
         format!("{h}  {p}")
     }
+}
+
+/// What `status` shows.
+#[derive(Serialize)]
+struct Status {
+    #[serde(flatten)]
+    net: crate::net::NetInfo,
+    cache_used: u64,
+    cache_size: u64,
+    active_transfers: usize,
 }
 
 #[derive(Serialize)]

@@ -69,7 +69,7 @@ pub struct Server {
 impl Server {
     /// Binds `DATA_DIR/control.sock` (replacing a stale one: the caller holds the store lock,
     /// so no live daemon owns it) and starts serving `store`.
-    pub fn start(store: Arc<Store>) -> io::Result<Server> {
+    pub fn start(store: Arc<Store>, net: Option<cli::NetCtx>) -> io::Result<Server> {
         let path = socket_path(store.dir());
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)?;
@@ -78,10 +78,10 @@ impl Server {
             for conn in listener.incoming() {
                 match conn {
                     Ok(conn) => {
-                        let store = store.clone();
+                        let (store, net) = (store.clone(), net.clone());
                         let _ = std::thread::Builder::new()
                             .name("control-conn".into())
-                            .spawn(move || serve(conn, &store));
+                            .spawn(move || serve(conn, &store, net.as_ref()));
                     }
                     Err(e) => tracing::warn!("control socket: {e}"),
                 }
@@ -97,7 +97,7 @@ impl Drop for Server {
     }
 }
 
-fn serve(conn: UnixStream, store: &Store) {
+fn serve(conn: UnixStream, store: &Store, net: Option<&cli::NetCtx>) {
     let res = (|| -> io::Result<()> {
         let mut line = String::new();
         BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line)?;
@@ -111,7 +111,7 @@ fn serve(conn: UnixStream, store: &Store) {
             tag: STDERR,
         };
         let code = match Cli::try_parse_from(std::iter::once("swarmfs".to_string()).chain(req.args)) {
-            Ok(cli) => match cli::execute(store, &cli, &mut out, &mut err) {
+            Ok(cli) => match cli::execute(store, &cli, &mut out, &mut err, net) {
                 Ok(code) => code,
                 Err(e) => {
                     writeln!(err, "swarmfs: {e:#}")?;

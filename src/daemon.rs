@@ -15,9 +15,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use fuser::{Config, MountOption};
 
+use crate::cli::NetCtx;
 use crate::control;
-use crate::fs::{FsOptions, NoSource, SwarmFs};
+use crate::fetch::{Fetcher, NetSource};
+use crate::fs::{FsOptions, SwarmFs};
 use crate::names::Names;
+use crate::net::Net;
 use crate::store::{self, Store};
 
 /// How the daemon runs.
@@ -27,7 +30,9 @@ pub struct DaemonOptions {
     pub mount: Option<PathBuf>,
     pub cache_size: Option<u64>,
     pub lookup_timeout: Duration,
+    pub read_timeout: Duration,
     pub passthrough: bool,
+    pub net: crate::net::NetOptions,
 }
 
 /// What is at the mount point before we mount.
@@ -135,7 +140,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
         );
     }
 
-    let mut session = None;
+    // Check the mount point before anything starts, so a mistake costs nothing.
     if let Some(dir) = &opts.mount {
         if let MountPoint::Stale = check_mount_point(dir)? {
             tracing::warn!(dir = %dir.display(), "cleaning up a stale mount left by a daemon that was killed");
@@ -147,10 +152,27 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
             }
             check_mount_point(dir)?;
         }
+    }
+    let key = crate::net::load_identity(&opts.data_dir)?;
+    let node = rt
+        .block_on(Net::start(store.clone(), key, opts.net.clone()))
+        .context("cannot start the node")?;
+    let ctx = NetCtx {
+        fetcher: Fetcher::new(node, store.clone()),
+        rt: rt.handle().clone(),
+        lookup_timeout: opts.lookup_timeout,
+        read_timeout: opts.read_timeout,
+    };
+    let mut session = None;
+    if let Some(dir) = &opts.mount {
         let fs = SwarmFs::new(
             store.clone(),
             names.clone(),
-            Arc::new(NoSource),
+            Arc::new(NetSource {
+                fetcher: ctx.fetcher.clone(),
+                rt: rt.handle().clone(),
+                read_timeout: opts.read_timeout,
+            }),
             rt.handle().clone(),
             FsOptions {
                 lookup_timeout: opts.lookup_timeout,
@@ -176,7 +198,9 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
             opts.data_dir.display()
         );
     }
-    let control = control::Server::start(store.clone()).context("cannot serve the control socket")?;
+    let info = rt.block_on(ctx.fetcher.net().info());
+    eprintln!("swarmfs: peer id {}", info.peer_id);
+    let control = control::Server::start(store.clone(), Some(ctx)).context("cannot serve the control socket")?;
 
     rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};

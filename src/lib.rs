@@ -12,10 +12,14 @@
 //! Invariant: no byte reaches a reader, the cache or a peer unless it verified against its
 //! hash. See `docs/ARCHITECTURE.md`.
 
+// A `Vec<Range<u64>>` of one range is a request for one run of groups, not a mistake.
+#![allow(clippy::single_range_in_vec_init)]
+
 pub mod bao;
 pub mod cli;
 pub mod control;
 pub mod daemon;
+pub mod fetch;
 pub mod fs;
 pub mod hash;
 pub mod names;

@@ -157,6 +157,14 @@ pub fn load_identity(data_dir: &Path) -> Result<Keypair> {
     }
 }
 
+/// Queues an announcement from any thread, without waiting.
+fn provide_soon(tx: &mpsc::Sender<Cmd>, h: Hash) {
+    if let Err(mpsc::error::TrySendError::Full(cmd)) = tx.try_send(Cmd::Provide(h)) {
+        let tx = tx.clone();
+        std::thread::spawn(move || tx.blocking_send(cmd));
+    }
+}
+
 fn record_key(h: &Hash) -> kad::RecordKey {
     kad::RecordKey::new(h.as_bytes())
 }
@@ -237,6 +245,10 @@ impl Net {
             banned: Arc::new(Mutex::new(HashSet::new())),
         };
         tokio::spawn(event_loop(swarm, rx, net.banned.clone()));
+        // Every blob that becomes complete is announced: added, written, or fetched (so
+        // fetched content is seeded). The hook holds only the command channel, not the store.
+        let tx = net.tx.clone();
+        net.store.set_on_complete(move |h| provide_soon(&tx, h));
         net.clone().serve(opts.corrupt_responses)?;
         // Announce what is already held.
         for b in net.store.list()? {
@@ -255,11 +267,6 @@ impl Net {
     /// Announces that this node provides blob `h`.
     pub async fn provide(&self, h: Hash) {
         let _ = self.tx.send(Cmd::Provide(h)).await;
-    }
-
-    /// Announces `h` from a thread outside the runtime.
-    pub fn provide_blocking(&self, h: Hash) {
-        let _ = self.tx.blocking_send(Cmd::Provide(h));
     }
 
     /// Peers that provide `h`, from the DHT, waiting at most `timeout`.
@@ -498,9 +505,6 @@ impl Net {
             Ok(complete) => {
                 if let Some(e) = read_err {
                     return Err(transfer(e));
-                }
-                if complete {
-                    self.provide(h).await;
                 }
                 Ok(Fetched {
                     size: head.size,

@@ -405,23 +405,31 @@ fn full_disk_gives_enospc_and_publishes_nothing() {
 #[test]
 fn daemon_start_errors_are_clear() {
     let e = env();
-    let err = fails(
-        swarmfs(&e.data, &["mount"])
-            .arg(e.mnt.join("missing"))
-            .arg("--no-passthrough"),
-    );
+    let err = fails(swarmfs(&e.data, &["mount"]).arg(e.mnt.join("missing")).args([
+        "--no-mdns",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+    ]));
     assert!(err.contains("does not exist"), "{err}");
     let d = Daemon::start(&e.data, &e.mnt, &[]);
     // Another daemon on the same data directory names the one that holds it.
     let other = e.src.join("mnt2");
     fs::create_dir_all(&other).unwrap();
-    let err = fails(swarmfs(&e.data, &["mount"]).arg(&other));
+    let err = fails(
+        swarmfs(&e.data, &["mount"])
+            .arg(&other)
+            .args(["--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"]),
+    );
     assert!(
         err.contains(&format!("in use by another swarmfs process (pid {})", d.pid())),
         "{err}"
     );
     // A second daemon on the same mount point.
-    let err = fails(swarmfs(&e.src.join("data2"), &["mount"]).arg(&e.mnt));
+    let err = fails(swarmfs(&e.src.join("data2"), &["mount"]).arg(&e.mnt).args([
+        "--no-mdns",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+    ]));
     assert!(err.contains("already a mount point"), "{err}");
     drop(d);
 }
@@ -429,7 +437,7 @@ fn daemon_start_errors_are_clear() {
 #[test]
 fn cli_goes_through_the_daemon_and_stale_mounts_are_cleaned() {
     let e = env();
-    let mut d = Daemon::start(&e.data, &e.mnt, &[]);
+    let mut d = Daemon::start(&e.data, &e.mnt, &["--lookup-timeout", "2"]);
     let sock = fs::metadata(e.data.join("control.sock")).unwrap();
     assert_eq!(sock.mode() & 0o777, 0o600);
     // The store is held by the daemon, so these can only work through the socket.
@@ -443,7 +451,8 @@ fn cli_goes_through_the_daemon_and_stale_mounts_are_cleaned() {
     assert!(out.status.success() && out.stdout == fs::read(&f).unwrap());
     let out = run(swarmfs(&e.data, &["cat", &"cd".repeat(32)]));
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown blob"));
+    let msg = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(msg.contains(&format!("no peer has blob {}", "cd".repeat(32))), "{msg}");
     let out = run(swarmfs(&e.data, &["verify"]));
     assert_eq!(out.status.code(), Some(0));
     let df = sh(&format!("df -B1 --output=size {}", e.mnt.display()));

@@ -171,8 +171,10 @@ impl Daemon {
             std::fs::create_dir_all(mnt).unwrap();
         }
         let log = data.with_extension(format!("log{}", std::process::id()));
+        // Never mDNS outside a namespace of our own, and never a fixed port.
         let child = swarmfs(data, &["mount"])
             .arg(mnt)
+            .args(["--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

@@ -31,6 +31,9 @@ const HASH_INO_BASE: u64 = 1 << 48;
 const HASH_TTL: Duration = Duration::from_secs(24 * 3600);
 /// The user's names change only through us; a short TTL keeps other views honest.
 const NAME_TTL: Duration = Duration::from_secs(1);
+/// The first read-ahead window, in groups (256 KiB), and the largest (8 MiB).
+const UNIT_GROUPS: u64 = 16;
+const MAX_AHEAD: u64 = 512;
 /// The extended attribute that tells a user file's hash.
 pub const HASH_XATTR: &str = "user.swarmfs.hash";
 
@@ -40,6 +43,11 @@ pub trait BlobSource: Send + Sync + 'static {
     /// Finds blob `hash` elsewhere and returns its verified size, or `None` after at most
     /// `timeout`.
     fn find(&self, hash: &Hash, timeout: Duration) -> Option<u64>;
+
+    /// Makes the groups in `want` of a blob this source found present locally, waiting at
+    /// most the read timeout, and starts fetching `readahead` in the background. True when
+    /// `want` is present.
+    fn fetch(&self, hash: &Hash, want: std::ops::Range<u64>, readahead: std::ops::Range<u64>) -> bool;
 }
 
 /// The source with no peers: every unknown hash is ENOENT at once.
@@ -48,6 +56,10 @@ pub struct NoSource;
 impl BlobSource for NoSource {
     fn find(&self, _hash: &Hash, _timeout: Duration) -> Option<u64> {
         None
+    }
+
+    fn fetch(&self, _hash: &Hash, _want: std::ops::Range<u64>, _readahead: std::ops::Range<u64>) -> bool {
+        false
     }
 }
 
@@ -67,6 +79,9 @@ enum Handle {
         hash: Hash,
         reader: Mutex<Option<BlobReader>>,
         _backing: Option<Arc<BackingId>>,
+        /// Read-ahead: the offset a sequential read would come next, and the window in
+        /// groups, which doubles while reads stay sequential.
+        ahead: Mutex<(u64, u64)>,
     },
     /// A user file; `write` if opened for writing.
     File {
@@ -359,15 +374,38 @@ impl Inner {
     /// Reads from a blob handle or a user file handle.
     fn read(&self, h: &Handle, off: u64, size: u32) -> Result<Vec<u8>, Errno> {
         match h {
-            Handle::Blob { hash, reader, .. } => {
+            Handle::Blob {
+                hash, reader, ahead, ..
+            } => {
                 let mut r = lock(reader);
-                if r.is_none() {
-                    *r = Some(self.store.reader(hash).map_err(store_errno)?);
+                for attempt in 0..2 {
+                    if r.is_none() || attempt > 0 {
+                        *r = Some(self.store.reader(hash).map_err(store_errno)?);
+                    }
+                    let rd = r.as_mut().expect("just set");
+                    match rd.read_at(off, size as usize) {
+                        Ok(d) => return Ok(d),
+                        Err(StoreError::Missing { .. }) if attempt == 0 => {
+                            let tree = crate::tree::Tree::new(rd.size());
+                            let want = tree.groups_for_bytes(off..off + size as u64);
+                            let readahead = {
+                                let mut a = lock(ahead);
+                                a.1 = if a.0 == off {
+                                    (a.1 * 2).clamp(UNIT_GROUPS, MAX_AHEAD)
+                                } else {
+                                    UNIT_GROUPS
+                                };
+                                a.0 = off + size as u64;
+                                want.end..(want.end + a.1).min(tree.groups())
+                            };
+                            if !self.source.fetch(hash, want, readahead) {
+                                return Err(Errno::EIO);
+                            }
+                        }
+                        Err(e) => return Err(store_errno(e)),
+                    }
                 }
-                r.as_mut()
-                    .expect("just set")
-                    .read_at(off, size as usize)
-                    .map_err(store_errno)
+                Err(Errno::EIO)
             }
             Handle::File { ino, reader, .. } => {
                 if let Some(o) = self.open_file(*ino) {

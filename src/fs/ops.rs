@@ -225,6 +225,7 @@ impl Filesystem for SwarmFs {
                 hash,
                 reader: Mutex::new(None),
                 _backing: backing.clone(),
+                ahead: Mutex::new((0, 0)),
             });
             return match backing {
                 // The kernel refuses KEEP_CACHE with passthrough: the backing file's own page

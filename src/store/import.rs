@@ -147,6 +147,7 @@ impl Store {
         self.used.fetch_add(size, Ordering::Relaxed);
         self.used.fetch_sub(before, Ordering::Relaxed);
         drop(_w);
+        self.completed(h);
         self.gc()?;
         Ok(())
     }

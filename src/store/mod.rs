@@ -138,7 +138,11 @@ pub struct Store {
     write: Mutex<()>,
     partials: Mutex<HashMap<Hash, Arc<Mutex<partial::Partial>>>>,
     tmp_seq: AtomicU64,
+    /// Called with every blob that becomes complete (the node announces it).
+    on_complete: Mutex<Option<CompleteHook>>,
 }
+
+type CompleteHook = Arc<dyn Fn(Hash) + Send + Sync>;
 
 impl Store {
     /// Opens (creating if needed) the store in `dir`, takes its lock, and sweeps whatever a
@@ -170,6 +174,7 @@ impl Store {
             write: Mutex::new(()),
             partials: Mutex::new(HashMap::new()),
             tmp_seq: AtomicU64::new(0),
+            on_complete: Mutex::new(None),
         };
         match opts.cache_size {
             Some(cap) => store.set_cache_size(cap)?,
@@ -189,6 +194,19 @@ impl Store {
     /// mount's names).
     pub fn open_tree(&self, name: &str) -> Result<sled::Tree> {
         self.db.open_tree(name).map_err(|e| self.db_err(e))
+    }
+
+    /// Calls `f` with every blob that becomes complete from now on: imported, written
+    /// through the mount, or fetched.
+    pub fn set_on_complete(&self, f: impl Fn(Hash) + Send + Sync + 'static) {
+        *self.on_complete.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(f));
+    }
+
+    pub(crate) fn completed(&self, h: Hash) {
+        let hook = self.on_complete.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(f) = hook {
+            f(h);
+        }
     }
 
     /// The data directory.

@@ -226,6 +226,8 @@ impl Store {
         };
         self.put_meta(h, old.as_ref(), &mut m, b)?;
         self.used.fetch_add(size, Ordering::Relaxed);
+        drop(_w);
+        self.completed(*h);
         Ok(true)
     }
 
@@ -266,6 +268,8 @@ impl Store {
         self.put_meta(h, Some(&old), &mut m, b)?;
         p.dirty = 0;
         tracing::info!(hash = %h, size = m.size, "blob complete");
+        drop(_w);
+        self.completed(*h);
         Ok(())
     }
 
