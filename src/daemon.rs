@@ -222,9 +222,22 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
 
     drop(control);
     if let (Some(s), Some(dir)) = (session, &opts.mount) {
-        if let Err(e) = s.umount_and_join() {
-            tracing::warn!("unmount: {e}; detaching lazily");
-            fusermount_u(dir, true);
+        // Unmount and wait for the FUSE threads, but never for long: a reader stuck on a
+        // file (or a request still in flight) must not keep the daemon from stopping.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(s.umount_and_join());
+        });
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!("unmount: {e}; detaching lazily");
+                fusermount_u(dir, true);
+            }
+            Err(_) => {
+                tracing::warn!("unmount is taking too long; detaching lazily");
+                fusermount_u(dir, true);
+            }
         }
     }
     names.flush().context("cannot flush the names table")?;

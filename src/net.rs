@@ -465,7 +465,8 @@ impl Net {
         }
         let body_len = crate::bao::encoded_len(Tree::new(head.size), &head.ranges);
         // The body goes through a channel to a blocking thread that verifies and stores it.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        // An async channel: a full one makes this task wait, never a runtime thread.
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
         let store = self.store.clone();
         let (size, served) = (head.size, head.ranges.clone());
         let writer = tokio::task::spawn_blocking(move || {
@@ -489,7 +490,7 @@ impl Net {
                 Ok(k) => {
                     self.counters.received.fetch_add(k as u64, Ordering::Relaxed);
                     left -= k as u64;
-                    if tx.send(buf[..k].to_vec()).is_err() {
+                    if tx.send(buf[..k].to_vec()).await.is_err() {
                         break; // the verifier stopped: its result says why
                     }
                 }
@@ -586,7 +587,7 @@ impl Write for ChannelWriter {
 
 /// A `Read` on a blocking thread fed with chunks by an async task.
 struct ChannelReader {
-    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    rx: mpsc::Receiver<Vec<u8>>,
     buf: Vec<u8>,
     at: usize,
 }
@@ -594,12 +595,12 @@ struct ChannelReader {
 impl Read for ChannelReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.at == self.buf.len() {
-            match self.rx.recv() {
-                Ok(b) => {
+            match self.rx.blocking_recv() {
+                Some(b) => {
                     self.buf = b;
                     self.at = 0;
                 }
-                Err(_) => return Ok(0),
+                None => return Ok(0),
             }
         }
         let n = out.len().min(self.buf.len() - self.at);

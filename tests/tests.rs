@@ -6,6 +6,7 @@ mod util;
 
 mod cli;
 mod crash;
+mod e2e;
 mod mount;
 mod net;
 mod store;

@@ -160,34 +160,50 @@ impl Store {
         if tree.is_single_group() {
             return self.write_single(h, size, want, input);
         }
+        // Verify first, into memory, without holding the blob: the input may be a network
+        // stream, and other writers of the same blob must not wait on it.
+        let mut pairs: Vec<(u64, [u8; 64])> = Vec::new();
+        let mut groups: Vec<(u64, Vec<u8>)> = Vec::new();
+        let res = bao::decode(tree, h, want, input, &mut |item| {
+            match item {
+                Item::Pair { slot, pair } => pairs.push((slot, *pair)),
+                Item::Group { group, data } => groups.push((group, data.to_vec())),
+            }
+            Ok(())
+        });
+        // Whatever verified is kept, even if the stream then failed.
         let p = self.partial(h, size)?;
         let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
         let part = &mut *p;
         let mut added = 0;
-        let res = bao::decode(tree, h, want, input, &mut |item| {
-            match item {
-                Item::Pair { slot, pair } => part.ob.write_all_at(pair, slot * PAIR_SIZE)?,
-                Item::Group { group, data } => {
-                    if !part.present.contains(group) {
-                        part.data.write_all_at(data, group * GROUP_SIZE)?;
-                        part.present.insert(group..group + 1);
-                        added += data.len() as u64;
-                    }
+        let written = (|| -> std::io::Result<()> {
+            for (slot, pair) in &pairs {
+                part.ob.write_all_at(pair, slot * PAIR_SIZE)?;
+            }
+            for (g, data) in &groups {
+                if !part.present.contains(*g) {
+                    part.data.write_all_at(data, g * GROUP_SIZE)?;
+                    part.present.insert(*g..*g + 1);
+                    added += data.len() as u64;
                 }
             }
             Ok(())
-        });
+        })();
         part.dirty += added;
         self.used.fetch_add(added, Ordering::Relaxed);
-        if let Err(source) = res {
-            if let bao::VerifyError::Io(e) = source {
+        written.ctx(|| format!("cannot store blob {h}"))?;
+        match res {
+            Ok(()) => {}
+            Err(bao::VerifyError::Io(e)) => {
                 return Err(StoreError::Io {
-                    what: format!("cannot store blob {h}"),
+                    what: format!("reading blob {h}"),
                     source: e,
-                });
+                })
             }
-            tracing::warn!(hash = %h, "rejected data that failed verification: {source}");
-            return Err(StoreError::BadData { hash: *h, source });
+            Err(source) => {
+                tracing::warn!(hash = %h, "rejected data that failed verification: {source}");
+                return Err(StoreError::BadData { hash: *h, source });
+            }
         }
         if part.present.is_full() {
             self.complete_partial(h, part)?;

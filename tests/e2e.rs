@@ -1,0 +1,224 @@
+//! Two or three real daemons with real mounts on 127.0.0.1: sharing, lazy reads, failures.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+/// The first listen address of the daemon on `data`, as a full multiaddr.
+fn addr_of(data: &Path) -> String {
+    let status: serde_json::Value = serde_json::from_str(&ok(swarmfs(data, &["status", "--json"]))).unwrap();
+    status["listen"][0].as_str().expect("a listen address").to_string()
+}
+
+fn received(data: &Path) -> u64 {
+    let status: serde_json::Value = serde_json::from_str(&ok(swarmfs(data, &["status", "--json"]))).unwrap();
+    status["bytes_received"].as_u64().unwrap()
+}
+
+struct Host {
+    data: PathBuf,
+    mnt: PathBuf,
+}
+
+fn host(root: &Path, name: &str) -> Host {
+    Host {
+        data: root.join(format!("{name}-data")),
+        mnt: root.join(format!("{name}-mnt")),
+    }
+}
+
+/// A file of `size` random bytes (from /dev/urandom, written in pieces).
+fn random_file(path: &Path, mib: u64) {
+    sh(&format!("head -c {}M /dev/urandom > {}", mib, path.display()));
+}
+
+#[test]
+fn two_machines_share_a_file() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (host(root.path(), "a"), host(root.path(), "b"));
+    let src = root.path().join("film");
+    random_file(&src, 20);
+    let hash = b3(&src);
+    let _da = Daemon::start(&a.data, &a.mnt, &[]);
+    sh(&format!("cp {} {}/film", src.display(), a.mnt.display()));
+    let _db = Daemon::start(&b.data, &b.mnt, &["--bootstrap", &addr_of(&a.data)]);
+    // B has never seen it: looking it up finds A, reading fetches and verifies.
+    let mut c = std::process::Command::new("cmp");
+    c.arg(b.mnt.join(&hash)).arg(&src);
+    ok(c);
+    // It is now cached on B, complete, and B seeds it.
+    let ls: serde_json::Value = serde_json::from_str(&ok(swarmfs(&b.data, &["ls", "--json"]))).unwrap();
+    assert!(ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["hash"] == hash.as_str() && x["complete"] == true));
+    let providers = ok(swarmfs(&a.data, &["providers", &hash]));
+    let b_id = addr_of(&b.data).rsplit('/').next().unwrap().to_string();
+    assert!(
+        providers.lines().any(|l| l == b_id),
+        "B seeds what it fetched: {providers}"
+    );
+    // get writes a verified copy.
+    let out = root.path().join("copy");
+    ok(swarmfs(&b.data, &["get", &hash, "-o"]).arg(&out));
+    assert_eq!(b3(&out), hash);
+}
+
+#[test]
+fn a_read_far_into_a_big_blob_transfers_little() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (host(root.path(), "a"), host(root.path(), "b"));
+    let src = root.path().join("big");
+    random_file(&src, 1024);
+    let _da = Daemon::start(&a.data, &a.mnt, &[]);
+    let mut add = swarmfs(&a.data, &["add"]);
+    add.arg(&src);
+    let hash = ok(add)[..64].to_string();
+    let _db = Daemon::start(&b.data, &b.mnt, &["--bootstrap", &addr_of(&a.data)]);
+    let before = received(&b.data);
+    let mut f = fs::File::open(b.mnt.join(&hash)).unwrap();
+    f.seek(SeekFrom::Start(700 << 20)).unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    f.read_exact(&mut got).unwrap();
+    let mut want = vec![0u8; 1 << 20];
+    let mut s = fs::File::open(&src).unwrap();
+    s.seek(SeekFrom::Start(700 << 20)).unwrap();
+    s.read_exact(&mut want).unwrap();
+    assert!(got == want, "wrong bytes at 700 MiB");
+    let moved = received(&b.data) - before;
+    assert!(moved < 8 << 20, "reading 1 MiB moved {moved} bytes");
+    assert!(moved >= 1 << 20, "the counter must see the transfer: {moved}");
+}
+
+#[test]
+fn a_read_survives_the_death_of_one_provider() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, c) = (host(root.path(), "a"), host(root.path(), "b"), host(root.path(), "c"));
+    let src = root.path().join("f");
+    random_file(&src, 64);
+    let mut da = Daemon::start(&a.data, &a.mnt, &[]);
+    let dc = Daemon::start(&c.data, &c.mnt, &["--bootstrap", &addr_of(&a.data)]);
+    for d in [&a.data, &c.data] {
+        let mut add = swarmfs(d, &["add"]);
+        add.arg(&src);
+        ok(add);
+    }
+    let hash = b3(&src);
+    let db = Daemon::start(
+        &b.data,
+        &b.mnt,
+        &[
+            "--bootstrap",
+            &addr_of(&a.data),
+            "--bootstrap",
+            &addr_of(&c.data),
+            "--read-timeout",
+            "20",
+        ],
+    );
+    let path = b.mnt.join(&hash);
+    let reader = std::thread::spawn(move || {
+        let mut f = fs::File::open(path).unwrap();
+        let mut all = Vec::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        all
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    da.kill9();
+    let got = reader.join().expect("the read completes from C");
+    assert!(got == fs::read(&src).unwrap());
+    drop((db, dc));
+}
+
+#[test]
+fn nobody_has_it_gives_enoent_and_vanished_providers_give_eio() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (host(root.path(), "a"), host(root.path(), "b"));
+    let src = root.path().join("f");
+    random_file(&src, 32);
+    let mut da = Daemon::start(&a.data, &a.mnt, &[]);
+    let mut add = swarmfs(&a.data, &["add"]);
+    add.arg(&src);
+    let hash = ok(add)[..64].to_string();
+    let db = Daemon::start(
+        &b.data,
+        &b.mnt,
+        &[
+            "--bootstrap",
+            &addr_of(&a.data),
+            "--lookup-timeout",
+            "2",
+            "--read-timeout",
+            "3",
+        ],
+    );
+    // Unknown hash: ENOENT after the lookup timeout, not a hang.
+    let t = Instant::now();
+    let err = fs::metadata(b.mnt.join("ee".repeat(32))).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(2));
+    assert!(t.elapsed() < Duration::from_secs(30));
+    // Read the first MiB, then lose the only provider: a read further on fails with EIO.
+    let mut f = fs::File::open(b.mnt.join(&hash)).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    f.read_exact(&mut buf).unwrap();
+    da.kill9();
+    f.seek(SeekFrom::Start(30 << 20)).unwrap();
+    let t = Instant::now();
+    let err = f.read_exact(&mut buf).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(60));
+    drop(db);
+}
+
+#[test]
+fn get_resumes_after_a_restart_and_fetches_only_what_was_missing() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (host(root.path(), "a"), host(root.path(), "b"));
+    let src = root.path().join("f");
+    random_file(&src, 48);
+    let _da = Daemon::start(&a.data, &a.mnt, &[]);
+    let mut add = swarmfs(&a.data, &["add"]);
+    add.arg(&src);
+    let hash = ok(add)[..64].to_string();
+    let boot = addr_of(&a.data);
+    let mut db = Daemon::start(&b.data, &b.mnt, &["--bootstrap", &boot]);
+    // Read the first 16 MiB through the mount, then restart B.
+    let mut f = fs::File::open(b.mnt.join(&hash)).unwrap();
+    let mut buf = vec![0u8; 16 << 20];
+    f.read_exact(&mut buf).unwrap();
+    drop(f);
+    assert_eq!(db.stop_with("INT"), Some(0));
+    let _db = Daemon::start(&b.data, &b.mnt, &["--bootstrap", &boot]);
+    let ls: serde_json::Value = serde_json::from_str(&ok(swarmfs(&b.data, &["ls", "--json"]))).unwrap();
+    let held = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["hash"] == hash.as_str())
+        .expect("partial kept")["present"]
+        .as_u64()
+        .unwrap();
+    assert!(held >= 16 << 20, "the partial blob survived the restart: {held}");
+    let out = root.path().join("copy");
+    ok(swarmfs(&b.data, &["get", &hash, "-o"]).arg(&out));
+    assert_eq!(b3(&out), hash);
+    let moved = received(&b.data);
+    let size = 48u64 << 20;
+    assert!(
+        moved <= size - held + (2 << 20),
+        "moved {moved} bytes, {} were missing",
+        size - held
+    );
+}
