@@ -222,3 +222,100 @@ fn get_resumes_after_a_restart_and_fetches_only_what_was_missing() {
         size - held
     );
 }
+
+/// Two network namespaces joined by a veth pair, made and removed by this test.
+struct NetNs {
+    names: [String; 2],
+}
+
+impl NetNs {
+    fn new() -> NetNs {
+        let id = std::process::id() % 100_000;
+        let names = [format!("swfs-a-{id}"), format!("swfs-b-{id}")];
+        let (va, vb) = (format!("swa{id}"), format!("swb{id}"));
+        let ns = NetNs { names };
+        sh(&format!(
+            "ip netns add {a} && ip netns add {b} && \
+             ip link add {va} type veth peer name {vb} && \
+             ip link set {va} netns {a} && ip link set {vb} netns {b} && \
+             ip -n {a} addr add 10.77.0.1/24 dev {va} && ip -n {a} link set {va} up && ip -n {a} link set lo up && \
+             ip -n {b} addr add 10.77.0.2/24 dev {vb} && ip -n {b} link set {vb} up && ip -n {b} link set lo up",
+            a = ns.names[0],
+            b = ns.names[1],
+        ));
+        ns
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = std::process::Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+/// A daemon (no mount) inside a namespace, stopped when dropped.
+struct NsDaemon(std::process::Child);
+
+impl Drop for NsDaemon {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-INT")
+            .arg(self.0.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ns_daemon(ns: &str, data: &Path, ip: &str) -> NsDaemon {
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(env!("CARGO_BIN_EXE_swarmfs"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(["daemon", "--listen", &format!("/ip4/{ip}/tcp/0")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !data.join("control.sock").exists() {
+        assert!(Instant::now() < deadline, "the daemon in {ns} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    NsDaemon(child)
+}
+
+/// mDNS is only ever on inside namespaces this test made: two daemons find each other with
+/// no bootstrap address, and one fetches from the other.
+#[test]
+fn mdns_finds_a_peer_on_the_local_network() {
+    let root = tempfile::tempdir().unwrap();
+    let ns = NetNs::new();
+    let (da, db) = (root.path().join("a"), root.path().join("b"));
+    let _a = ns_daemon(&ns.names[0], &da, "10.77.0.1");
+    let _b = ns_daemon(&ns.names[1], &db, "10.77.0.2");
+    let src = root.path().join("f");
+    random_file(&src, 3);
+    let mut add = swarmfs(&da, &["add"]);
+    add.arg(&src);
+    let hash = ok(add)[..64].to_string();
+    let a_id = addr_of(&da).rsplit('/').next().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ok(swarmfs(&db, &["peers"])).lines().any(|l| l == a_id) {
+        assert!(Instant::now() < deadline, "B never found A by mDNS");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = root.path().join("copy");
+    ok(swarmfs(&db, &["get", &hash, "-o"]).arg(&out));
+    assert_eq!(b3(&out), hash);
+}
