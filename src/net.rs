@@ -654,6 +654,9 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
                         bootstrapped = swarm.behaviour_mut().kad.bootstrap().is_ok();
                     }
                 }
+                SwarmEvent::ConnectionClosed { peer_id, cause, num_established, .. } => {
+                    tracing::debug!(peer = %peer_id, remaining = num_established, "connection closed: {cause:?}");
+                }
                 SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                     for a in info.listen_addrs {
                         swarm.behaviour_mut().kad.add_address(&peer_id, a);
