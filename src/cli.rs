@@ -439,7 +439,10 @@ pub fn execute(
                 Some(p) => {
                     let mut f = std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?;
                     store.cat(&hashes[0], &mut f)?;
-                    f.sync_all()?;
+                    // A regular file is made durable; /dev/null and friends cannot be.
+                    if f.metadata()?.is_file() {
+                        f.sync_all()?;
+                    }
                     Ok(0)
                 }
                 None => cat(store, &hashes[0], out),

@@ -206,6 +206,7 @@ impl Fetcher {
 
     async fn fetch_unit(&self, h: Hash, r: Range<u64>, deadline: Instant) -> bool {
         let mut tried: Vec<PeerId> = Vec::new();
+        let mut strikes: HashMap<PeerId, u32> = HashMap::new();
         loop {
             if self.store.missing(&h, r.clone()).is_ok_and(|m| m.is_empty()) {
                 return true;
@@ -220,6 +221,7 @@ impl Fetcher {
                 self.remember(h, &found);
                 peers = self.known(&h);
                 tried.clear();
+                strikes.clear();
                 if peers.is_empty() {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
@@ -233,16 +235,30 @@ impl Fetcher {
             else {
                 continue;
             };
-            tried.push(p);
-            let _permit = self.permit(p).await;
-            match tokio::time::timeout_at(deadline, self.net.fetch(p, h, vec![r.clone()])).await {
+            let permit = self.permit(p).await;
+            let res = tokio::time::timeout_at(deadline, self.net.fetch(p, h, vec![r.clone()])).await;
+            drop(permit);
+            match res {
                 Ok(Ok(f)) if f.ranges.iter().any(|x| x.start <= r.start && x.end >= r.end) => return true,
-                Ok(Ok(_)) => tracing::debug!(peer = %p, "{h}: peer holds only part of {}..{}", r.start, r.end),
+                Ok(Ok(_)) => {
+                    tracing::debug!(peer = %p, "{h}: peer holds only part of {}..{}", r.start, r.end);
+                    tried.push(p);
+                }
                 Ok(Err(e @ (FetchError::Bad { .. } | FetchError::NotFound(_)))) => {
                     tracing::debug!("{e}");
                     self.forget(&h, &p);
+                    tried.push(p);
                 }
-                Ok(Err(e)) => tracing::debug!("{e}"),
+                Ok(Err(e)) => {
+                    // A stream that broke or a busy peer: try it again shortly, a few times,
+                    // before moving on to other providers.
+                    tracing::debug!("{e}");
+                    *strikes.entry(p).or_insert(0) += 1;
+                    if strikes[&p] >= 3 {
+                        tried.push(p);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 Err(_) => return false,
             }
         }
