@@ -122,6 +122,8 @@ impl Fetcher {
                 return None;
             }
             let peers = self.find_providers(h, left.min(Duration::from_secs(5))).await;
+            // Every candidate is worth a try later: units are spread over all of them.
+            self.remember(h, &peers);
             for p in peers {
                 let first = match self.net.fetch(p, h, vec![0..1]).await {
                     Ok(f) => f,
@@ -134,7 +136,6 @@ impl Fetcher {
                 if last > 0 && self.net.fetch(p, h, vec![last..last + 1]).await.is_err() {
                     continue;
                 }
-                self.remember(h, &[p]);
                 return Some(first.size);
             }
             if Instant::now() >= deadline {
