@@ -42,11 +42,6 @@ impl Hash {
         Hash(*blake3::hash(data).as_bytes())
     }
 
-    /// The 64-character lowercase hex form.
-    pub fn to_hex(&self) -> String {
-        self.to_string()
-    }
-
     /// Parses only the canonical lowercase form, as the mount requires for blob names.
     pub fn parse_lowercase(s: &str) -> Option<Self> {
         if s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {

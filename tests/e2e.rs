@@ -75,9 +75,7 @@ fn a_read_far_into_a_big_blob_transfers_little() {
     let src = root.path().join("big");
     random_file(&src, 1024);
     let _da = Daemon::start(&a.data, &a.mnt, &[]);
-    let mut add = swarmfs(&a.data, &["add"]);
-    add.arg(&src);
-    let hash = ok(add)[..64].to_string();
+    let hash = add_file(&a.data, &src);
     let _db = Daemon::start(&b.data, &b.mnt, &["--bootstrap", &addr_of(&a.data)]);
     let before = received(&b.data);
     let mut f = fs::File::open(b.mnt.join(&hash)).unwrap();
@@ -103,9 +101,7 @@ fn a_read_survives_the_death_of_one_provider() {
     let mut da = Daemon::start(&a.data, &a.mnt, &[]);
     let dc = Daemon::start(&c.data, &c.mnt, &["--bootstrap", &addr_of(&a.data)]);
     for d in [&a.data, &c.data] {
-        let mut add = swarmfs(d, &["add"]);
-        add.arg(&src);
-        ok(add);
+        add_file(d, &src);
     }
     let hash = b3(&src);
     let db = Daemon::start(
@@ -149,9 +145,7 @@ fn nobody_has_it_gives_enoent_and_vanished_providers_give_eio() {
     let src = root.path().join("f");
     random_file(&src, 32);
     let mut da = Daemon::start(&a.data, &a.mnt, &[]);
-    let mut add = swarmfs(&a.data, &["add"]);
-    add.arg(&src);
-    let hash = ok(add)[..64].to_string();
+    let hash = add_file(&a.data, &src);
     let db = Daemon::start(
         &b.data,
         &b.mnt,
@@ -189,9 +183,7 @@ fn get_resumes_after_a_restart_and_fetches_only_what_was_missing() {
     let src = root.path().join("f");
     random_file(&src, 48);
     let _da = Daemon::start(&a.data, &a.mnt, &[]);
-    let mut add = swarmfs(&a.data, &["add"]);
-    add.arg(&src);
-    let hash = ok(add)[..64].to_string();
+    let hash = add_file(&a.data, &src);
     let boot = addr_of(&a.data);
     let mut db = Daemon::start(&b.data, &b.mnt, &["--bootstrap", &boot]);
     // Read the first 16 MiB through the mount, then restart B.
@@ -306,9 +298,7 @@ fn mdns_finds_a_peer_on_the_local_network() {
     let _b = ns_daemon(&ns.names[1], &db, "10.77.0.2");
     let src = root.path().join("f");
     random_file(&src, 3);
-    let mut add = swarmfs(&da, &["add"]);
-    add.arg(&src);
-    let hash = ok(add)[..64].to_string();
+    let hash = add_file(&da, &src);
     let a_id = addr_of(&da).rsplit('/').next().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !ok(swarmfs(&db, &["peers"])).lines().any(|l| l == a_id) {

@@ -174,10 +174,7 @@ fn reading(extra: &[&str]) {
     let mut blobs = Vec::new();
     for (i, &n) in sizes.iter().enumerate() {
         let p = write_file(&e.src, &format!("r{i}"), &data(n, 40 + i as u64));
-        let mut add = swarmfs(&e.data, &["add"]);
-        add.arg(&p);
-        let h = ok(add)[..64].to_string();
-        blobs.push((h, p));
+        blobs.push((add_file(&e.data, &p), p));
     }
     for (h, p) in &blobs {
         let hp = e.mnt.join(h);

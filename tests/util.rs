@@ -266,6 +266,13 @@ pub fn xattr_hash(path: &Path) -> String {
     ok(c)
 }
 
+/// `swarmfs --data-dir DATA add PATH`; returns the hash it printed.
+pub fn add_file(data: &Path, path: &Path) -> String {
+    let mut add = swarmfs(data, &["add"]);
+    add.arg(path);
+    ok(add)[..64].to_string()
+}
+
 /// b3sum of one file, the hex only.
 pub fn b3(path: &Path) -> String {
     let mut c = Command::new("b3sum");

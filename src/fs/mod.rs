@@ -610,11 +610,4 @@ impl Inner {
         }
         self.node(ino)?.hash.ok_or(Errno::ENODATA)
     }
-
-    /// Makes the names durable; called at shutdown.
-    pub fn flush(&self) {
-        if let Err(e) = self.names.flush() {
-            tracing::error!("flushing names: {e}");
-        }
-    }
 }

@@ -164,11 +164,6 @@ impl Store {
 }
 
 impl BlobReader {
-    /// The blob's hash.
-    pub fn hash(&self) -> &Hash {
-        &self.hash
-    }
-
     /// The blob's size.
     pub fn size(&self) -> u64 {
         self.tree.size()
