@@ -53,10 +53,15 @@ impl Present {
         g < self.groups && self.words[(g / 64) as usize] & (1 << (g % 64)) != 0
     }
 
-    /// Marks groups present.
+    /// Marks groups present, a word at a time.
     pub fn insert(&mut self, r: Range<u64>) {
-        for g in r.start..r.end.min(self.groups) {
-            self.words[(g / 64) as usize] |= 1 << (g % 64);
+        let (mut g, end) = (r.start, r.end.min(self.groups));
+        while g < end {
+            let bit = g % 64;
+            let n = (64 - bit).min(end - g);
+            let mask = if n == 64 { !0 } else { ((1u64 << n) - 1) << bit };
+            self.words[(g / 64) as usize] |= mask;
+            g += n;
         }
     }
 
@@ -118,5 +123,20 @@ mod tests {
         assert_eq!(p, q);
         assert!(Present::from_bytes(131 + 64, &p.to_bytes()).is_none());
         assert!(Present::full(130).is_full());
+        for (n, r) in [
+            (200, 3..67),
+            (200, 0..128),
+            (200, 63..65),
+            (200, 190..400),
+            (64, 0..64),
+            (70, 5..5),
+        ] {
+            let mut p = Present::new(n);
+            p.insert(r.clone());
+            for g in 0..n {
+                assert_eq!(p.contains(g), r.contains(&g), "{n} {r:?} {g}");
+            }
+            assert_eq!(p.count(), r.end.min(n).saturating_sub(r.start));
+        }
     }
 }
