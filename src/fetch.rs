@@ -1,21 +1,27 @@
 //! The fetcher: gets the groups a reader needs from whichever peers have them.
 //!
 //! - **Providers** come from connected peers (asked directly) and a DHT lookup, in parallel;
-//!   they are remembered per blob.
-//! - **Size**: the first group tells the size; the last group, verified, confirms it.
-//! - **Units**: missing groups are fetched in units of `UNIT` groups (256 KiB), aligned, spread
-//!   over providers, `PER_PEER` at a time per provider. Two readers that want the same unit
-//!   share one fetch.
+//!   they are remembered per blob. A provider that cannot be reached (a stale record, a
+//!   peer gone away) is set aside for a backoff that doubles with each failure.
+//! - **Size**: every known provider is asked for the first group at once; the first answer
+//!   tells the size, and the last group, verified, confirms it.
+//! - **Units**: missing groups are fetched in units of `UNIT` groups (256 KiB), aligned. Each
+//!   unit goes to the reachable provider with the least work queued, at most `PER_PEER`
+//!   requests in flight per provider. Two readers that want the same unit share one fetch.
+//! - **Priority**: units a reader waits for go before read-ahead. A read-ahead unit still
+//!   queued is promoted when a reader comes to need it.
 //! - **Failures**: each request has a timeout; a failed unit is retried on another provider.
 //!   A provider that sent bad data is banned by `net` and dropped here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use libp2p::PeerId;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use crate::hash::Hash;
@@ -27,16 +33,87 @@ use crate::tree::Tree;
 pub const UNIT: u64 = 16;
 /// Requests in flight per provider.
 const PER_PEER: usize = 4;
+/// The first backoff of an unreachable provider; it doubles up to `MAX_BACKOFF`.
+const BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// What the fetcher knows of one provider.
+#[derive(Default)]
+struct PeerState {
+    /// Requests in flight.
+    busy: usize,
+    /// Units waiting for a slot, each with its priority (raised while it waits).
+    waiting: VecDeque<(Arc<AtomicBool>, oneshot::Sender<()>)>,
+    /// Set aside until then, after failures to reach it.
+    down_until: Option<Instant>,
+    failures: u32,
+}
+
+/// A unit being fetched: waiters watch for `true`; `urgent` is raised when a reader needs it.
+#[derive(Clone)]
+struct Inflight {
+    done: watch::Receiver<bool>,
+    urgent: Arc<AtomicBool>,
+}
 
 /// Fetches blobs from the network into the store.
 pub struct Fetcher {
     net: Net,
     store: Arc<Store>,
     providers: Mutex<HashMap<Hash, Vec<PeerId>>>,
-    /// Units being fetched; waiters watch for `true`.
-    inflight: Mutex<HashMap<(Hash, u64), watch::Receiver<bool>>>,
-    next_peer: std::sync::atomic::AtomicUsize,
-    per_peer: Mutex<HashMap<PeerId, Arc<tokio::sync::Semaphore>>>,
+    inflight: Mutex<HashMap<(Hash, u64), Inflight>>,
+    peers: Mutex<HashMap<PeerId, PeerState>>,
+}
+
+/// A request slot with one provider, given back (to the most urgent waiter) on drop.
+struct Slot<'a> {
+    fetcher: &'a Fetcher,
+    peer: PeerId,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut peers = self.fetcher.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(st) = peers.get_mut(&self.peer) else { return };
+        loop {
+            let next = st
+                .waiting
+                .iter()
+                .position(|(u, _)| u.load(Ordering::Relaxed))
+                .or(if st.waiting.is_empty() { None } else { Some(0) });
+            let Some(i) = next else {
+                st.busy -= 1;
+                return;
+            };
+            let (_, tx) = st.waiting.remove(i).expect("in range");
+            // A waiter that gave up is skipped; the slot goes to the next one.
+            if tx.send(()).is_ok() {
+                return;
+            }
+        }
+    }
+}
+
+/// Waits for a slot that `Slot::drop` hands over; if the wait is abandoned after the hand-over,
+/// the slot is passed on rather than lost.
+struct Waiter<'a> {
+    fetcher: &'a Fetcher,
+    peer: PeerId,
+    rx: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if rx.try_recv().is_ok() {
+                drop(Slot {
+                    fetcher: self.fetcher,
+                    peer: self.peer,
+                });
+            }
+        }
+    }
 }
 
 /// Why a blob could not be fetched.
@@ -58,8 +135,7 @@ impl Fetcher {
             store,
             providers: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
-            next_peer: Default::default(),
-            per_peer: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -68,13 +144,18 @@ impl Fetcher {
         &self.net
     }
 
+    /// Units being fetched right now.
+    pub fn active(&self) -> usize {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Known providers of `h`: connected peers first, then the DHT, asked in parallel.
     async fn find_providers(&self, h: Hash, timeout: Duration) -> Vec<PeerId> {
         let dht = self.net.providers(h, timeout);
         let connected = self.net.connected();
         let (dht, connected) = tokio::join!(dht, connected);
-        let mut all = dht;
-        for p in connected {
+        let mut all: Vec<PeerId> = connected.iter().filter(|p| dht.contains(p)).copied().collect();
+        for p in dht.into_iter().chain(connected) {
             if !all.contains(&p) {
                 all.push(p);
             }
@@ -107,8 +188,73 @@ impl Fetcher {
             .unwrap_or_default()
     }
 
-    /// Finds blob `h` on the network and verifies its size: the first group from a provider,
-    /// then the last group. Returns the size, or `None` if nobody has it within `timeout`.
+    /// True while `p` is set aside after failures to reach it.
+    fn is_down(&self, p: &PeerId) -> bool {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers
+            .get(p)
+            .and_then(|s| s.down_until)
+            .is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Records how a request to `p` went: reaching it clears its backoff; failing to reach
+    /// it (or a timeout) doubles it.
+    fn record(&self, p: PeerId, res: &Result<crate::net::Fetched, FetchError>) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let st = peers.entry(p).or_default();
+        match res {
+            Err(e @ (FetchError::Unreachable(..) | FetchError::Timeout(_))) => {
+                st.failures += 1;
+                let wait = BACKOFF.saturating_mul(1 << st.failures.min(8)).min(MAX_BACKOFF);
+                st.down_until = Some(Instant::now() + wait);
+                tracing::debug!("{e}; set aside for {wait:?}");
+            }
+            _ => {
+                st.failures = 0;
+                st.down_until = None;
+            }
+        }
+    }
+
+    /// The reachable provider of `h` not in `skip` with the least work queued.
+    fn pick(&self, h: &Hash, skip: &[PeerId]) -> Option<PeerId> {
+        let known = self.known(h);
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        known
+            .into_iter()
+            .filter(|p| !skip.contains(p))
+            .filter(|p| peers.get(p).and_then(|s| s.down_until).is_none_or(|t| now >= t))
+            .min_by_key(|p| peers.get(p).map_or(0, |s| s.busy + s.waiting.len()))
+    }
+
+    /// A request slot with `p`, in priority order.
+    async fn slot(&self, p: PeerId, urgent: &Arc<AtomicBool>) -> Slot<'_> {
+        let rx = {
+            let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+            let st = peers.entry(p).or_default();
+            if st.busy < PER_PEER {
+                st.busy += 1;
+                return Slot { fetcher: self, peer: p };
+            }
+            let (tx, rx) = oneshot::channel();
+            st.waiting.push_back((urgent.clone(), tx));
+            rx
+        };
+        let mut w = Waiter {
+            fetcher: self,
+            peer: p,
+            rx: Some(rx),
+        };
+        let got = w.rx.as_mut().expect("set").await;
+        w.rx = None;
+        debug_assert!(got.is_ok(), "a waiter's sender is only dropped after sending");
+        Slot { fetcher: self, peer: p }
+    }
+
+    /// Finds blob `h` on the network and verifies its size: the first group, asked of every
+    /// reachable provider at once, then the last group from the first that answered. Returns
+    /// the size, or `None` if nobody has it within `timeout`.
     pub async fn size(&self, h: Hash, timeout: Duration) -> Option<u64> {
         if let Ok(Some(info)) = self.store.info(&h) {
             if info.size_verified {
@@ -124,19 +270,34 @@ impl Fetcher {
             let peers = self.find_providers(h, left.min(Duration::from_secs(5))).await;
             // Every candidate is worth a try later: units are spread over all of them.
             self.remember(h, &peers);
-            for p in peers {
-                let first = match self.net.fetch(p, h, vec![0..1]).await {
-                    Ok(f) => f,
-                    Err(e) => {
-                        tracing::debug!("size of {h} from {p}: {e}");
+            let mut asks: FuturesUnordered<_> = peers
+                .into_iter()
+                .filter(|p| !self.is_down(p))
+                .map(|p| async move {
+                    let res = self.net.fetch(p, h, vec![0..1]).await;
+                    self.record(p, &res);
+                    (p, res)
+                })
+                .collect();
+            let asking = async {
+                while let Some((p, res)) = asks.next().await {
+                    let first = match res {
+                        Ok(f) => f,
+                        Err(e) => {
+                            tracing::debug!("size of {h} from {p}: {e}");
+                            continue;
+                        }
+                    };
+                    let last = Tree::new(first.size).groups() - 1;
+                    if last > 0 && self.net.fetch(p, h, vec![last..last + 1]).await.is_err() {
                         continue;
                     }
-                };
-                let last = Tree::new(first.size).groups() - 1;
-                if last > 0 && self.net.fetch(p, h, vec![last..last + 1]).await.is_err() {
-                    continue;
+                    return Some(first.size);
                 }
-                return Some(first.size);
+                None
+            };
+            if let Ok(Some(size)) = tokio::time::timeout_at(deadline, asking).await {
+                return Some(size);
             }
             if Instant::now() >= deadline {
                 return None;
@@ -147,8 +308,14 @@ impl Fetcher {
     }
 
     /// Makes the groups in `want` of blob `h` present, fetching what is missing; gives up at
-    /// `deadline`.
-    pub async fn ensure(self: &Arc<Self>, h: Hash, want: Range<u64>, deadline: Instant) -> Result<(), GetError> {
+    /// `deadline`. `urgent` units (a reader waits for them) go before read-ahead.
+    pub async fn ensure(
+        self: &Arc<Self>,
+        h: Hash,
+        want: Range<u64>,
+        deadline: Instant,
+        urgent: bool,
+    ) -> Result<(), GetError> {
         let missing = self.store.missing(&h, want.clone())?;
         if missing.is_empty() {
             return Ok(());
@@ -168,7 +335,7 @@ impl Fetcher {
             .map(|u| {
                 let me = self.clone();
                 let r = u * UNIT..((u + 1) * UNIT).min(groups);
-                tokio::spawn(async move { me.unit(h, u, r, deadline).await })
+                tokio::spawn(async move { me.unit(h, u, r, deadline, urgent).await })
             })
             .collect();
         let mut ok = true;
@@ -182,32 +349,41 @@ impl Fetcher {
         }
     }
 
-    /// Fetches one unit, or waits for the fetch already under way. True when it is present.
-    async fn unit(self: &Arc<Self>, h: Hash, u: u64, r: Range<u64>, deadline: Instant) -> bool {
-        let (mine, mut rx) = {
+    /// Fetches one unit, or waits for the fetch already under way (raising its priority if
+    /// this wait is urgent). True when it is present.
+    async fn unit(self: &Arc<Self>, h: Hash, u: u64, r: Range<u64>, deadline: Instant, urgent: bool) -> bool {
+        let (mine, mut entry) = {
             let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
             match m.get(&(h, u)) {
-                Some(rx) => (None, rx.clone()),
+                Some(e) => (None, e.clone()),
                 None => {
                     let (tx, rx) = watch::channel(false);
-                    m.insert((h, u), rx.clone());
-                    (Some(tx), rx)
+                    let e = Inflight {
+                        done: rx,
+                        urgent: Arc::new(AtomicBool::new(urgent)),
+                    };
+                    m.insert((h, u), e.clone());
+                    (Some(tx), e)
                 }
             }
         };
         let Some(tx) = mine else {
-            let _ = tokio::time::timeout_at(deadline, rx.wait_for(|done| *done)).await;
+            if urgent {
+                entry.urgent.store(true, Ordering::Relaxed);
+            }
+            let _ = tokio::time::timeout_at(deadline, entry.done.wait_for(|done| *done)).await;
             return self.store.missing(&h, r).is_ok_and(|m| m.is_empty());
         };
-        let done = self.fetch_unit(h, r, deadline).await;
+        let done = self.fetch_unit(h, r, deadline, &entry.urgent).await;
         self.inflight.lock().unwrap_or_else(|e| e.into_inner()).remove(&(h, u));
         let _ = tx.send(true);
         done
     }
 
-    async fn fetch_unit(&self, h: Hash, r: Range<u64>, deadline: Instant) -> bool {
+    async fn fetch_unit(&self, h: Hash, r: Range<u64>, deadline: Instant, urgent: &Arc<AtomicBool>) -> bool {
         let mut tried: Vec<PeerId> = Vec::new();
         let mut strikes: HashMap<PeerId, u32> = HashMap::new();
+        let mut looked: Option<Instant> = None;
         loop {
             if self.store.missing(&h, r.clone()).is_ok_and(|m| m.is_empty()) {
                 return true;
@@ -215,42 +391,42 @@ impl Fetcher {
             if Instant::now() >= deadline {
                 return false;
             }
-            let mut peers = self.known(&h);
-            if peers.iter().all(|p| tried.contains(p)) {
+            let Some(p) = self.pick(&h, &tried) else {
+                // Every known provider failed this unit or is set aside: look again, at most
+                // once a second.
+                if looked.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
                 let left = deadline.saturating_duration_since(Instant::now());
                 let found = self.find_providers(h, left.min(Duration::from_secs(5))).await;
                 self.remember(h, &found);
-                peers = self.known(&h);
+                looked = Some(Instant::now());
                 tried.clear();
                 strikes.clear();
-                if peers.is_empty() {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            }
-            // Spread units over providers, skipping the ones that already failed this unit.
-            let start = self.next_peer.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(p) = (0..peers.len())
-                .map(|i| peers[(start + i) % peers.len()])
-                .find(|p| !tried.contains(p))
-            else {
                 continue;
             };
-            let permit = self.permit(p).await;
+            let slot = match tokio::time::timeout_at(deadline, self.slot(p, urgent)).await {
+                Ok(s) => s,
+                Err(_) => return false,
+            };
             let res = tokio::time::timeout_at(deadline, self.net.fetch(p, h, vec![r.clone()])).await;
-            drop(permit);
+            drop(slot);
+            let Ok(res) = res else { return false };
+            self.record(p, &res);
             match res {
-                Ok(Ok(f)) if f.ranges.iter().any(|x| x.start <= r.start && x.end >= r.end) => return true,
-                Ok(Ok(_)) => {
+                Ok(f) if f.ranges.iter().any(|x| x.start <= r.start && x.end >= r.end) => return true,
+                Ok(_) => {
                     tracing::debug!(peer = %p, "{h}: peer holds only part of {}..{}", r.start, r.end);
                     tried.push(p);
                 }
-                Ok(Err(e @ (FetchError::Bad { .. } | FetchError::NotFound(_)))) => {
+                Err(e @ (FetchError::Bad { .. } | FetchError::NotFound(_))) => {
                     tracing::debug!("{e}");
                     self.forget(&h, &p);
                     tried.push(p);
                 }
-                Ok(Err(e)) => {
+                Err(FetchError::Unreachable(..) | FetchError::Timeout(_)) => tried.push(p),
+                Err(e) => {
                     // A stream that broke or a busy peer: try it again shortly, a few times,
                     // before moving on to other providers.
                     tracing::debug!("{e}");
@@ -260,21 +436,8 @@ impl Fetcher {
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(_) => return false,
             }
         }
-    }
-
-    /// Bounds the requests in flight to one provider.
-    async fn permit(&self, p: PeerId) -> tokio::sync::OwnedSemaphorePermit {
-        let sem = self
-            .per_peer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(p)
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(PER_PEER)))
-            .clone();
-        sem.acquire_owned().await.expect("never closed")
     }
 }
 
@@ -295,24 +458,19 @@ impl crate::fs::BlobSource for NetSource {
         if !readahead.is_empty() {
             let (f, h) = (self.fetcher.clone(), *hash);
             self.rt.spawn(async move {
-                let _ = f.ensure(h, readahead, Instant::now() + Duration::from_secs(120)).await;
+                let _ = f
+                    .ensure(h, readahead, Instant::now() + Duration::from_secs(120), false)
+                    .await;
             });
         }
         let deadline = Instant::now() + self.read_timeout;
-        match self.rt.block_on(self.fetcher.ensure(*hash, want, deadline)) {
+        match self.rt.block_on(self.fetcher.ensure(*hash, want, deadline, true)) {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!("{e}");
                 false
             }
         }
-    }
-}
-
-impl Fetcher {
-    /// Units being fetched right now.
-    pub fn active(&self) -> usize {
-        self.inflight.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
@@ -339,7 +497,7 @@ pub fn fetch_all(
     while g < groups {
         let w = g..(g + WINDOW).min(groups);
         let deadline = Instant::now() + ctx.read_timeout;
-        ctx.rt.block_on(f.ensure(h, w.clone(), deadline))?;
+        ctx.rt.block_on(f.ensure(h, w.clone(), deadline, true))?;
         if progress {
             let got = store.info(&h)?.map_or(0, |i| i.present);
             let secs = started.elapsed().as_secs_f64().max(0.001);

@@ -39,8 +39,16 @@ pub const KAD_PROTOCOL: &str = "/swarmfs/kad/1.0.0";
 pub const DEFAULT_PORT: u16 = 4701;
 /// Requests a peer may have in flight with us before it is told "busy".
 const MAX_REQUESTS_PER_PEER: usize = 8;
+/// How long opening a stream (and dialing the peer, if need be) may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one blob request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// A blob stream carries requests one after another; the server ends one idle this long.
+const STREAM_IDLE: Duration = Duration::from_secs(60);
+/// The fetcher keeps an idle stream at most this long before it drops it.
+const POOL_IDLE: Duration = Duration::from_secs(30);
+/// Idle streams kept per peer.
+const POOL_PER_PEER: usize = MAX_REQUESTS_PER_PEER / 2;
 /// Bytes handed from the store to a stream at a time.
 const CHUNK: usize = 64 * 1024;
 
@@ -97,6 +105,19 @@ pub struct Net {
     store: Arc<Store>,
     pub counters: Arc<Counters>,
     banned: Arc<Mutex<HashSet<PeerId>>>,
+    /// Open blob streams not in use, per peer, with when each went idle.
+    pool: Arc<Mutex<HashMap<PeerId, Vec<Pooled>>>>,
+}
+
+/// An idle stream and when it went idle.
+type Pooled = (libp2p::Stream, std::time::Instant);
+
+/// How one attempt at a request failed.
+enum Attempt {
+    /// Before any byte of the response: the stream was stale, or the peer dropped it
+    /// unread. Worth another try on a fresh stream.
+    Early(io::Error),
+    Failed(FetchError),
 }
 
 /// Why a fetch from one peer failed.
@@ -114,6 +135,8 @@ pub enum FetchError {
     Transfer { peer: PeerId, source: io::Error },
     #[error("peer {0} timed out")]
     Timeout(PeerId),
+    #[error("peer {0} is unreachable: {1}")]
+    Unreachable(PeerId, String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -243,6 +266,7 @@ impl Net {
             store,
             counters: Arc::new(Counters::default()),
             banned: Arc::new(Mutex::new(HashSet::new())),
+            pool: Arc::default(),
         };
         tokio::spawn(event_loop(swarm, rx, net.banned.clone()));
         // Every blob that becomes complete is announced: added, written, or fetched (so
@@ -350,12 +374,8 @@ impl Net {
                         *n += 1;
                         *n > MAX_REQUESTS_PER_PEER
                     };
-                    let res =
-                        tokio::time::timeout(REQUEST_TIMEOUT * 3, me.serve_one(peer, stream, busy, corrupt)).await;
-                    match res {
-                        Ok(Err(e)) => tracing::debug!(%peer, "blob request ended: {e}"),
-                        Err(_) => tracing::debug!(%peer, "blob request timed out"),
-                        Ok(Ok(())) => {}
+                    if let Err(e) = me.serve_stream(peer, stream, busy, corrupt).await {
+                        tracing::debug!(%peer, "blob stream ended: {e}");
                     }
                     let mut m = inflight.lock().unwrap_or_else(|e| e.into_inner());
                     if let Some(n) = m.get_mut(&peer) {
@@ -370,29 +390,49 @@ impl Net {
         Ok(())
     }
 
-    async fn serve_one(&self, peer: PeerId, mut stream: libp2p::Stream, busy: bool, corrupt: bool) -> io::Result<()> {
-        let req = match read_request(&mut stream).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!(%peer, "malformed request: {e}");
-                let head = ResponseHead::refuse(Status::BadRequest)
-                    .encode()
-                    .map_err(io::Error::other)?;
-                stream.write_all(&head).await?;
+    /// Serves the requests on one stream, one after another, until the peer closes it, it
+    /// stays idle for `STREAM_IDLE`, or a request is malformed.
+    async fn serve_stream(
+        &self,
+        peer: PeerId,
+        mut stream: libp2p::Stream,
+        busy: bool,
+        corrupt: bool,
+    ) -> io::Result<()> {
+        let refuse = |s| ResponseHead::refuse(s).encode().map_err(io::Error::other);
+        loop {
+            let req = match tokio::time::timeout(STREAM_IDLE, read_request(&mut stream)).await {
+                Err(_) | Ok(Ok(None)) => return stream.close().await,
+                Ok(Ok(Some(r))) => r,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, "malformed request: {e}");
+                    stream.write_all(&refuse(Status::BadRequest)?).await?;
+                    return stream.close().await;
+                }
+            };
+            if busy {
+                stream.write_all(&refuse(Status::Busy)?).await?;
                 return stream.close().await;
             }
-        };
-        let refuse = |s| ResponseHead::refuse(s).encode().map_err(io::Error::other);
-        if busy {
-            stream.write_all(&refuse(Status::Busy)?).await?;
-            return stream.close().await;
+            match tokio::time::timeout(REQUEST_TIMEOUT * 3, self.serve_one(peer, &mut stream, req, corrupt)).await {
+                Ok(r) => r?,
+                Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "the response timed out")),
+            }
         }
+    }
+
+    /// Answers one request.
+    async fn serve_one(
+        &self,
+        peer: PeerId,
+        stream: &mut libp2p::Stream,
+        req: Request,
+        corrupt: bool,
+    ) -> io::Result<()> {
+        let refuse = |s| ResponseHead::refuse(s).encode().map_err(io::Error::other);
         let (size, present) = match (self.store.info(&req.hash), self.store.present_groups(&req.hash)) {
             (Ok(Some(info)), Ok(p)) => (info.size, p),
-            _ => {
-                stream.write_all(&refuse(Status::NotFound)?).await?;
-                return stream.close().await;
-            }
+            _ => return stream.write_all(&refuse(Status::NotFound)?).await,
         };
         // Serve what we hold of what was asked, clamped to the blob.
         let groups = Tree::new(size).groups();
@@ -430,10 +470,15 @@ impl Net {
             stream.write_all(&chunk).await?;
             self.counters.sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         }
-        if let Ok(Err(e)) = enc.await {
-            tracing::error!(%peer, "serving {hash}: {e}");
+        match enc.await {
+            Ok(Ok(_)) => stream.flush().await,
+            // The peer cannot tell where this response ends: the stream must end.
+            Ok(Err(e)) => {
+                tracing::error!(%peer, "serving {hash}: {e}");
+                Err(io::Error::other(e.to_string()))
+            }
+            Err(e) => Err(io::Error::other(e)),
         }
-        stream.close().await
     }
 
     /// Asks `peer` for the groups in `ranges` of blob `h`, verifies what arrives and stores it.
@@ -444,24 +489,78 @@ impl Net {
         }
     }
 
+    /// An idle stream to `peer` from the pool, or a new one.
+    async fn stream_to(&self, peer: PeerId) -> Result<(libp2p::Stream, bool), FetchError> {
+        {
+            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(list) = pool.get_mut(&peer) {
+                list.retain(|(_, since)| since.elapsed() < POOL_IDLE);
+                if let Some((s, _)) = list.pop() {
+                    return Ok((s, true));
+                }
+            }
+        }
+        let mut control = self.control.clone();
+        let open = control.open_stream(peer, StreamProtocol::new(protocol::PROTOCOL));
+        match tokio::time::timeout(OPEN_TIMEOUT, open).await {
+            Ok(Ok(s)) => Ok((s, false)),
+            Ok(Err(e)) => Err(FetchError::Unreachable(peer, e.to_string())),
+            Err(_) => Err(FetchError::Unreachable(peer, "no stream within 5 s".into())),
+        }
+    }
+
+    /// Gives a stream whose last response was read to the end back to the pool.
+    fn put_back(&self, peer: PeerId, s: libp2p::Stream) {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let list = pool.entry(peer).or_default();
+        if list.len() < POOL_PER_PEER {
+            list.push((s, std::time::Instant::now()));
+        }
+    }
+
     async fn fetch_inner(&self, peer: PeerId, h: Hash, ranges: Vec<Range<u64>>) -> Result<Fetched, FetchError> {
-        let transfer = |source| FetchError::Transfer { peer, source };
-        let mut stream = self
-            .control
-            .clone()
-            .open_stream(peer, StreamProtocol::new(protocol::PROTOCOL))
-            .await
-            .map_err(|e| transfer(io::Error::other(e.to_string())))?;
-        let req = Request { hash: h, ranges }
-            .encode()
-            .map_err(|e| transfer(io::Error::other(e)))?;
-        stream.write_all(&req).await.map_err(transfer)?;
-        let head = read_head(&mut stream).await.map_err(transfer)?;
+        let req = Request { hash: h, ranges }.encode().map_err(|e| FetchError::Transfer {
+            peer,
+            source: io::Error::other(e),
+        })?;
+        // A pooled stream may have been closed by the peer while idle, and a new one may be
+        // dropped unread by a peer that gets many at once (libp2p-stream hands inbound
+        // streams over one at a time): both fail before the response starts, and are tried
+        // again on a fresh stream.
+        let mut fresh_tries = 0;
+        loop {
+            let (stream, reused) = self.stream_to(peer).await?;
+            match self.request(peer, h, stream, &req).await {
+                Ok(f) => return Ok(f),
+                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Early(e)) => {
+                    tracing::debug!(%peer, reused, "blob stream failed before the response: {e}");
+                    if !reused {
+                        fresh_tries += 1;
+                        if fresh_tries == 3 {
+                            return Err(FetchError::Transfer { peer, source: e });
+                        }
+                        tokio::time::sleep(Duration::from_millis(5 * fresh_tries)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One request on one stream.
+    async fn request(&self, peer: PeerId, h: Hash, mut stream: libp2p::Stream, req: &[u8]) -> Result<Fetched, Attempt> {
+        let transfer = |source| Attempt::Failed(FetchError::Transfer { peer, source });
+        stream.write_all(req).await.map_err(Attempt::Early)?;
+        stream.flush().await.map_err(Attempt::Early)?;
+        let head = read_head(&mut stream).await.map_err(Attempt::Early)?;
         match head.status {
             Status::Ok => {}
-            Status::NotFound => return Err(FetchError::NotFound(peer)),
-            Status::Busy => return Err(FetchError::Busy(peer)),
-            Status::BadRequest => return Err(FetchError::Refused(peer)),
+            Status::NotFound => {
+                self.put_back(peer, stream);
+                return Err(Attempt::Failed(FetchError::NotFound(peer)));
+            }
+            Status::Busy => return Err(Attempt::Failed(FetchError::Busy(peer))),
+            Status::BadRequest => return Err(Attempt::Failed(FetchError::Refused(peer))),
         }
         let body_len = crate::bao::encoded_len(Tree::new(head.size), &head.ranges);
         // The body goes through a channel to a blocking thread that verifies and stores it.
@@ -507,6 +606,7 @@ impl Net {
                 if let Some(e) = read_err {
                     return Err(transfer(e));
                 }
+                self.put_back(peer, stream);
                 Ok(Fetched {
                     size: head.size,
                     ranges: head.ranges,
@@ -515,19 +615,23 @@ impl Net {
             }
             Err(StoreError::BadData { .. }) => {
                 self.ban(peer).await;
-                Err(FetchError::Bad { peer })
+                Err(Attempt::Failed(FetchError::Bad { peer }))
             }
             Err(e) => match read_err {
                 Some(re) => Err(transfer(re)),
-                None => Err(e.into()),
+                None => Err(Attempt::Failed(e.into())),
             },
         }
     }
 }
 
-async fn read_request(s: &mut libp2p::Stream) -> Result<Request, protocol::ProtocolError> {
+/// The next request on a stream, or `None` if the peer closed it instead.
+async fn read_request(s: &mut libp2p::Stream) -> Result<Option<Request>, protocol::ProtocolError> {
     let mut head = [0u8; 35];
-    s.read_exact(&mut head).await?;
+    if s.read(&mut head[..1]).await? == 0 {
+        return Ok(None);
+    }
+    s.read_exact(&mut head[1..]).await?;
     let n = u16::from_le_bytes([head[33], head[34]]) as usize;
     if n > protocol::MAX_RANGES {
         return Err(protocol::ProtocolError::TooManyRanges(n));
@@ -536,7 +640,7 @@ async fn read_request(s: &mut libp2p::Stream) -> Result<Request, protocol::Proto
     s.read_exact(&mut rest).await?;
     let mut all = head.to_vec();
     all.extend_from_slice(&rest);
-    Request::read(&mut &all[..])
+    Request::read(&mut &all[..]).map(Some)
 }
 
 async fn read_head(s: &mut libp2p::Stream) -> io::Result<ResponseHead> {
