@@ -179,13 +179,25 @@ impl Fetcher {
         }
     }
 
-    fn known(&self, h: &Hash) -> Vec<PeerId> {
+    /// The providers of `h` found so far.
+    pub fn known(&self, h: &Hash) -> Vec<PeerId> {
         self.providers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(h)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// Providers set aside right now, after failures to reach them.
+    pub fn set_aside(&self) -> Vec<PeerId> {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        peers
+            .iter()
+            .filter(|(_, s)| s.down_until.is_some_and(|t| now < t))
+            .map(|(p, _)| *p)
+            .collect()
     }
 
     /// True while `p` is set aside after failures to reach it.
@@ -502,10 +514,14 @@ pub fn fetch_all(
             let got = store.info(&h)?.map_or(0, |i| i.present);
             let secs = started.elapsed().as_secs_f64().max(0.001);
             let peers = f.known(&h).len();
+            let done = got as f64 / size.max(1) as f64;
+            let bar = (done * 24.0) as usize;
             let _ = write!(
                 err,
-                "\r{:5.1}%  {} / {} MiB  {:.1} MiB/s  {} peer{}   ",
-                100.0 * got as f64 / size.max(1) as f64,
+                "\r[{}{}] {:5.1}%  {} / {} MiB  {:.1} MiB/s  {} peer{}   ",
+                "#".repeat(bar),
+                ".".repeat(24 - bar.min(24)),
+                100.0 * done,
                 got >> 20,
                 size >> 20,
                 (got - had.min(got)) as f64 / secs / 1048576.0,
@@ -519,4 +535,85 @@ pub fn fetch_all(
         let _ = writeln!(err);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn fetcher() -> (tempfile::TempDir, Arc<Fetcher>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), crate::store::Options::default()).unwrap());
+        let opts = crate::net::NetOptions {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            ..Default::default()
+        };
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let net = Net::start(store.clone(), key, opts).await.unwrap();
+        (dir, Fetcher::new(net, store))
+    }
+
+    fn busy(f: &Fetcher, p: &PeerId) -> usize {
+        f.peers.lock().unwrap().get(p).map_or(0, |s| s.busy)
+    }
+
+    #[tokio::test]
+    async fn urgent_units_get_the_next_slot_and_no_slot_is_lost() {
+        let (_d, f) = fetcher().await;
+        let p = PeerId::random();
+        let (bg, urgent) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(true)));
+        let held: Vec<_> = futures::future::join_all((0..PER_PEER).map(|_| f.slot(p, &bg))).await;
+        assert_eq!(busy(&f, &p), PER_PEER);
+        // Queued in this order: read-ahead, read-ahead that a reader then needs, urgent.
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let promoted = Arc::new(AtomicBool::new(false));
+        let mut waiters = Vec::new();
+        for (name, flag) in [
+            ("ahead", bg.clone()),
+            ("promoted", promoted.clone()),
+            ("urgent", urgent.clone()),
+        ] {
+            let (f, order) = (f.clone(), order.clone());
+            waiters.push(tokio::spawn(async move {
+                let _s = f.slot(p, &flag).await;
+                order.lock().unwrap().push(name);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        promoted.store(true, Ordering::Relaxed);
+        // A waiter that gives up leaves the queue without taking a slot with it.
+        let gives_up = tokio::time::timeout(Duration::from_millis(10), f.slot(p, &urgent)).await;
+        assert!(gives_up.is_err());
+        drop(held);
+        for w in waiters {
+            w.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["promoted", "urgent", "ahead"]);
+        assert_eq!(busy(&f, &p), 0);
+    }
+
+    #[test]
+    fn unreachable_providers_are_set_aside_and_the_least_loaded_is_picked() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let (_d, f) = fetcher().await;
+            let h = Hash::of(b"x");
+            let (p1, p2, p3) = (PeerId::random(), PeerId::random(), PeerId::random());
+            f.remember(h, &[p1, p2, p3]);
+            let never = Arc::new(AtomicBool::new(false));
+            let _a = f.slot(p1, &never).await;
+            let _b = f.slot(p1, &never).await;
+            let _c = f.slot(p2, &never).await;
+            assert_eq!(f.pick(&h, &[]), Some(p3));
+            f.record(p3, &Err(FetchError::Unreachable(p3, "refused".into())));
+            assert_eq!(f.set_aside(), vec![p3]);
+            assert_eq!(f.pick(&h, &[]), Some(p2));
+            assert_eq!(f.pick(&h, &[p2]), Some(p1));
+            assert_eq!(f.pick(&h, &[p1, p2]), None);
+            // Reaching it again clears the backoff.
+            f.record(p3, &Err(FetchError::NotFound(p3)));
+            assert!(f.set_aside().is_empty());
+        });
+    }
 }

@@ -49,8 +49,10 @@ const STREAM_IDLE: Duration = Duration::from_secs(60);
 const POOL_IDLE: Duration = Duration::from_secs(30);
 /// Idle streams kept per peer.
 const POOL_PER_PEER: usize = MAX_REQUESTS_PER_PEER / 2;
-/// Bytes handed from the store to a stream at a time.
-const CHUNK: usize = 64 * 1024;
+/// Bytes handed between a stream and the store at a time.
+const CHUNK: usize = 128 * 1024;
+/// Chunk buffers kept for reuse (fresh large buffers cost page faults).
+const SPARE_BUFFERS: usize = 64;
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -94,6 +96,7 @@ enum Cmd {
     Providers(Hash, oneshot::Sender<HashSet<PeerId>>),
     Info(oneshot::Sender<(Vec<Multiaddr>, Vec<PeerId>)>),
     Ban(PeerId),
+    Stop,
 }
 
 /// A handle on the running node.
@@ -107,6 +110,32 @@ pub struct Net {
     banned: Arc<Mutex<HashSet<PeerId>>>,
     /// Open blob streams not in use, per peer, with when each went idle.
     pool: Arc<Mutex<HashMap<PeerId, Vec<Pooled>>>>,
+    bufs: Buffers,
+}
+
+/// Spare chunk buffers, shared by the stream tasks and the store threads.
+#[derive(Clone, Default)]
+struct Buffers(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl Buffers {
+    /// A buffer of `CHUNK` bytes.
+    fn get(&self) -> Vec<u8> {
+        let mut b = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default();
+        b.resize(CHUNK, 0);
+        b
+    }
+
+    fn put(&self, b: Vec<u8>) {
+        let mut spare = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < SPARE_BUFFERS && b.capacity() >= CHUNK {
+            spare.push(b);
+        }
+    }
 }
 
 /// An idle stream and when it went idle.
@@ -267,6 +296,7 @@ impl Net {
             counters: Arc::new(Counters::default()),
             banned: Arc::new(Mutex::new(HashSet::new())),
             pool: Arc::default(),
+            bufs: Buffers::default(),
         };
         tokio::spawn(event_loop(swarm, rx, net.banned.clone()));
         // Every blob that becomes complete is announced: added, written, or fetched (so
@@ -281,6 +311,11 @@ impl Net {
             }
         }
         Ok(net)
+    }
+
+    /// Stops the node: its connections and listeners close. Other handles stop working.
+    pub async fn stop(&self) {
+        let _ = self.tx.send(Cmd::Stop).await;
     }
 
     /// This node's peer id.
@@ -448,14 +483,12 @@ impl Net {
         };
         stream.write_all(&head.encode().map_err(io::Error::other)?).await?;
         // The store encodes (and re-verifies) on a blocking thread; chunks cross a channel.
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(2);
         let store = self.store.clone();
         let hash = req.hash;
+        let bufs = self.bufs.clone();
         let enc = tokio::task::spawn_blocking(move || {
-            let mut w = ChannelWriter {
-                tx,
-                buf: Vec::with_capacity(CHUNK),
-            };
+            let mut w = ChannelWriter { tx, buf: None, bufs };
             let r = store.encode(&hash, &served, &mut w);
             let _ = w.flush();
             r
@@ -469,6 +502,7 @@ impl Net {
             }
             stream.write_all(&chunk).await?;
             self.counters.sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            self.bufs.put(chunk);
         }
         match enc.await {
             Ok(Ok(_)) => stream.flush().await,
@@ -537,7 +571,7 @@ impl Net {
                     tracing::debug!(%peer, reused, "blob stream failed before the response: {e}");
                     if !reused {
                         fresh_tries += 1;
-                        if fresh_tries == 3 {
+                        if fresh_tries == 5 {
                             return Err(FetchError::Transfer { peer, source: e });
                         }
                         tokio::time::sleep(Duration::from_millis(5 * fresh_tries)).await;
@@ -565,38 +599,44 @@ impl Net {
         let body_len = crate::bao::encoded_len(Tree::new(head.size), &head.ranges);
         // The body goes through a channel to a blocking thread that verifies and stores it.
         // An async channel: a full one makes this task wait, never a runtime thread.
-        let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
         let store = self.store.clone();
         let (size, served) = (head.size, head.ranges.clone());
+        let bufs = self.bufs.clone();
         let writer = tokio::task::spawn_blocking(move || {
             let mut r = ChannelReader {
                 rx,
                 buf: Vec::new(),
                 at: 0,
+                bufs,
             };
             store.write_encoded(&h, size, &served, &mut r)
         });
+        // Whole chunks go to the verifier (a frame at a time would wake it for every 16 KiB).
         let mut left = body_len;
-        let mut buf = vec![0u8; CHUNK];
         let mut read_err = None;
-        while left > 0 {
-            let n = (left as usize).min(CHUNK);
-            match stream.read(&mut buf[..n]).await {
-                Ok(0) => {
-                    read_err = Some(io::Error::new(io::ErrorKind::UnexpectedEof, "the stream ended early"));
-                    break;
-                }
-                Ok(k) => {
-                    self.counters.received.fetch_add(k as u64, Ordering::Relaxed);
-                    left -= k as u64;
-                    if tx.send(buf[..k].to_vec()).await.is_err() {
-                        break; // the verifier stopped: its result says why
+        while left > 0 && read_err.is_none() {
+            let mut buf = self.bufs.get();
+            let want = (left as usize).min(CHUNK);
+            let mut got = 0;
+            while got < want {
+                match stream.read(&mut buf[got..want]).await {
+                    Ok(0) => {
+                        read_err = Some(io::Error::new(io::ErrorKind::UnexpectedEof, "the stream ended early"));
+                        break;
+                    }
+                    Ok(k) => got += k,
+                    Err(e) => {
+                        read_err = Some(e);
+                        break;
                     }
                 }
-                Err(e) => {
-                    read_err = Some(e);
-                    break;
-                }
+            }
+            self.counters.received.fetch_add(got as u64, Ordering::Relaxed);
+            left -= got as u64;
+            buf.truncate(got);
+            if got > 0 && tx.send(buf).await.is_err() {
+                break; // the verifier stopped: its result says why
             }
         }
         drop(tx);
@@ -666,21 +706,27 @@ async fn read_head(s: &mut libp2p::Stream) -> io::Result<ResponseHead> {
 /// A `Write` on a blocking thread that hands full chunks to an async task.
 struct ChannelWriter {
     tx: mpsc::Sender<Vec<u8>>,
-    buf: Vec<u8>,
+    buf: Option<Vec<u8>>,
+    bufs: Buffers,
 }
 
 impl Write for ChannelWriter {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(b);
-        if self.buf.len() >= CHUNK {
+        let buf = self.buf.get_or_insert_with(|| {
+            let mut v = self.bufs.get();
+            v.clear();
+            v
+        });
+        let n = b.len().min(CHUNK - buf.len());
+        buf.extend_from_slice(&b[..n]);
+        if buf.len() == CHUNK {
             self.flush()?;
         }
-        Ok(b.len())
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        if let Some(chunk) = self.buf.take().filter(|b| !b.is_empty()) {
             self.tx
                 .blocking_send(chunk)
                 .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"))?;
@@ -694,6 +740,7 @@ struct ChannelReader {
     rx: mpsc::Receiver<Vec<u8>>,
     buf: Vec<u8>,
     at: usize,
+    bufs: Buffers,
 }
 
 impl Read for ChannelReader {
@@ -701,7 +748,7 @@ impl Read for ChannelReader {
         while self.at == self.buf.len() {
             match self.rx.blocking_recv() {
                 Some(b) => {
-                    self.buf = b;
+                    self.bufs.put(std::mem::replace(&mut self.buf, b));
                     self.at = 0;
                 }
                 None => return Ok(0),
@@ -722,7 +769,6 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
     loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
-                None => return,
                 Some(Cmd::Provide(h)) => {
                     if let Err(e) = swarm.behaviour_mut().kad.start_providing(record_key(&h)) {
                         tracing::warn!(hash = %h, "cannot announce: {e:?}");
@@ -739,6 +785,8 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
                     let _ = swarm.disconnect_peer_id(p);
                     swarm.behaviour_mut().kad.remove_peer(&p);
                 }
+                // Dropping the swarm closes every connection and listener.
+                Some(Cmd::Stop) | None => return,
             },
             ev = swarm.select_next_some() => match ev {
                 SwarmEvent::NewListenAddr { address, .. } => {

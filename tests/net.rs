@@ -112,3 +112,83 @@ async fn a_peer_that_sends_bad_bytes_is_banned_and_nothing_bad_is_stored() {
     assert!(out == bytes);
     assert!(!reader.net.connected().await.contains(&bad.net.peer_id()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_requests_on_a_new_connection_all_succeed() {
+    // libp2p-stream drops inbound streams that arrive together; the fetcher must not see it.
+    let a = node(&[], false).await;
+    let bytes = data(4 << 20, 63);
+    let (h, _) = a.store.import_reader(&bytes[..], true).unwrap();
+    let c = node(&[&a.addr], false).await;
+    for _ in 0..100 {
+        if c.net.connected().await.contains(&a.net.peer_id()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let peer = a.net.peer_id();
+    // As many at once as a peer may have in flight, then many more over reused streams.
+    let burst: Vec<_> = (0..8u64)
+        .map(|u| {
+            let net = c.net.clone();
+            tokio::spawn(async move { net.fetch(peer, h, vec![u * 16..u * 16 + 16]).await })
+        })
+        .collect();
+    for t in burst {
+        t.await.unwrap().unwrap();
+    }
+    let rounds: Vec<_> = (0..4u64)
+        .map(|k| {
+            let net = c.net.clone();
+            tokio::spawn(async move {
+                for i in 0..40u64 {
+                    let g = (k * 40 + i) % 256;
+                    net.fetch(peer, h, vec![g..g + 1]).await?;
+                }
+                Ok::<_, FetchError>(())
+            })
+        })
+        .collect();
+    for t in rounds {
+        t.await.unwrap().unwrap();
+    }
+    fetch_all(&c.net, peer, h).await.unwrap();
+    let mut out = Vec::new();
+    c.store.cat(&h, &mut out).unwrap();
+    assert!(out == bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_went_away_is_set_aside_and_the_fetch_completes() {
+    let b = node(&[], false).await;
+    let bytes = data((6 << 20) + 5, 64);
+    let gone = node(&[&b.addr], false).await;
+    let (h, _) = gone.store.import_reader(&bytes[..], true).unwrap();
+    gone.net.provide(h).await;
+    let a = node(&[&b.addr], false).await;
+    a.store.import_reader(&bytes[..], true).unwrap();
+    a.net.provide(h).await;
+    let c = node(&[&b.addr], false).await;
+    // Both are on record before one of them goes away.
+    for _ in 0..100 {
+        let p = c.net.providers(h, Duration::from_secs(5)).await;
+        if p.contains(&a.net.peer_id()) && p.contains(&gone.net.peer_id()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gone.net.stop().await;
+    let f = swarmfs::fetch::Fetcher::new(c.net.clone(), c.store.clone());
+    let size = f.size(h, Duration::from_secs(20)).await.expect("A has it");
+    assert_eq!(size, bytes.len() as u64);
+    let groups = Tree::new(size).groups();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    f.ensure(h, 0..groups, deadline, true).await.unwrap();
+    let mut out = Vec::new();
+    c.store.cat(&h, &mut out).unwrap();
+    assert!(out == bytes);
+    // If the lookups turned up the peer that left, it was tried once and set aside.
+    if f.known(&h).contains(&gone.net.peer_id()) {
+        assert!(f.set_aside().contains(&gone.net.peer_id()), "{:?}", f.set_aside());
+    }
+}
