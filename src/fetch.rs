@@ -531,6 +531,8 @@ pub fn fetch_all(
         }
         g = w.end;
     }
+    // Durable and complete (and announced) before `get` says it is done.
+    store.sync_partial(&h)?;
     if progress {
         let _ = writeln!(err);
     }

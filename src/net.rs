@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::hash::Hash;
 use crate::protocol::{self, Request, ResponseHead, Status};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Written};
 use crate::tree::Tree;
 
 /// The Kademlia protocol name: our own DHT, apart from IPFS's.
@@ -610,7 +610,7 @@ impl Net {
                 at: 0,
                 bufs,
             };
-            store.write_encoded(&h, size, &served, &mut r)
+            store.write_verified(&h, size, &served, &mut r)
         });
         // Whole chunks go to the verifier (a frame at a time would wake it for every 16 KiB).
         let mut left = body_len;
@@ -642,7 +642,17 @@ impl Net {
         drop(tx);
         let stored = writer.await.map_err(|e| transfer(io::Error::other(e)))?;
         match stored {
-            Ok(complete) => {
+            Ok(written) => {
+                if written != Written::Partial {
+                    // The fsync (and, for the last groups, marking the blob complete) runs
+                    // behind the reader: the groups are readable now.
+                    let store = self.store.clone();
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = store.sync_partial(&h) {
+                            tracing::error!("{e}");
+                        }
+                    });
+                }
                 if let Some(e) = read_err {
                     return Err(transfer(e));
                 }
@@ -650,7 +660,7 @@ impl Net {
                 Ok(Fetched {
                     size: head.size,
                     ranges: head.ranges,
-                    complete,
+                    complete: written == Written::AllPresent,
                 })
             }
             Err(StoreError::BadData { .. }) => {

@@ -49,13 +49,19 @@ fn two_machines_share_a_file() {
     let mut c = std::process::Command::new("cmp");
     c.arg(b.mnt.join(&hash)).arg(&src);
     ok(c);
-    // It is now cached on B, complete, and B seeds it.
-    let ls: serde_json::Value = serde_json::from_str(&ok(swarmfs(&b.data, &["ls", "--json"]))).unwrap();
-    assert!(ls
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|x| x["hash"] == hash.as_str() && x["complete"] == true));
+    // It is now cached on B and, once synced behind the reader, complete; B seeds it.
+    let complete = || {
+        let ls: serde_json::Value = serde_json::from_str(&ok(swarmfs(&b.data, &["ls", "--json"]))).unwrap();
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["hash"] == hash.as_str() && x["complete"] == true)
+    };
+    let t = std::time::Instant::now();
+    while !complete() && t.elapsed() < std::time::Duration::from_secs(20) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(complete(), "B did not complete the blob");
     let providers = ok(swarmfs(&a.data, &["providers", &hash]));
     let b_id = addr_of(&b.data).rsplit('/').next().unwrap().to_string();
     assert!(

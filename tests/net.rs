@@ -44,8 +44,10 @@ async fn node(bootstrap: &[&str], corrupt: bool) -> Node {
     }
 }
 
-/// Fetches a whole blob from `peer`: the first group tells the size, then the rest.
-async fn fetch_all(net: &Net, peer: libp2p::PeerId, h: Hash) -> Result<(), FetchError> {
+/// Fetches a whole blob from `peer`: the first group tells the size, then the rest; then
+/// makes it durable (the network path leaves the fsync to a background task).
+async fn fetch_all(node: &Node, peer: libp2p::PeerId, h: Hash) -> Result<(), FetchError> {
+    let net = &node.net;
     let first = net.fetch(peer, h, vec![0..1]).await?;
     let groups = Tree::new(first.size).groups();
     let mut g = 1;
@@ -54,6 +56,7 @@ async fn fetch_all(net: &Net, peer: libp2p::PeerId, h: Hash) -> Result<(), Fetch
         net.fetch(peer, h, vec![g..end]).await?;
         g = end;
     }
+    node.store.flush()?;
     Ok(())
 }
 
@@ -76,7 +79,7 @@ async fn a_blob_is_found_through_the_dht_and_fetched_verified() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(providers.contains(&a.net.peer_id()), "A not found: {providers:?}");
-    fetch_all(&c.net, a.net.peer_id(), h).await.unwrap();
+    fetch_all(&c, a.net.peer_id(), h).await.unwrap();
     let info = c.store.info(&h).unwrap().unwrap();
     assert!(info.complete);
     let mut out = Vec::new();
@@ -99,14 +102,14 @@ async fn a_peer_that_sends_bad_bytes_is_banned_and_nothing_bad_is_stored() {
     let (h, _) = bad.store.import_reader(&bytes[..], true).unwrap();
     good.store.import_reader(&bytes[..], true).unwrap();
     let reader = node(&[&bad.addr, &good.addr], false).await;
-    let err = fetch_all(&reader.net, bad.net.peer_id(), h).await.unwrap_err();
+    let err = fetch_all(&reader, bad.net.peer_id(), h).await.unwrap_err();
     assert!(matches!(err, FetchError::Bad { .. }), "{err}");
     // Nothing that failed is stored: what is there verifies.
     if reader.store.info(&h).unwrap().is_some() {
         assert!(reader.store.verify(&h).unwrap().is_empty());
     }
     // The honest peer completes it; the bad one stays banned.
-    fetch_all(&reader.net, good.net.peer_id(), h).await.unwrap();
+    fetch_all(&reader, good.net.peer_id(), h).await.unwrap();
     let mut out = Vec::new();
     reader.store.cat(&h, &mut out).unwrap();
     assert!(out == bytes);
@@ -152,7 +155,7 @@ async fn a_burst_of_requests_on_a_new_connection_all_succeed() {
     for t in rounds {
         t.await.unwrap().unwrap();
     }
-    fetch_all(&c.net, peer, h).await.unwrap();
+    fetch_all(&c, peer, h).await.unwrap();
     let mut out = Vec::new();
     c.store.cat(&h, &mut out).unwrap();
     assert!(out == bytes);

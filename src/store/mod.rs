@@ -35,6 +35,7 @@ use serde::Serialize;
 use crate::hash::Hash;
 use crate::tree::{Tree, GROUP_SIZE};
 use meta::{key, lru_key, Meta, TAG_INLINE, TAG_LRU, TAG_META, TAG_PRESENT};
+pub use partial::Written;
 pub use present::Present;
 pub use read::BlobReader;
 pub use staging::Staging;
@@ -453,10 +454,9 @@ impl Store {
 
     /// Makes every recorded change durable: partial blobs' bytes, then the index.
     pub fn flush(&self) -> Result<()> {
-        let partials: Vec<_> = self.partials_lock().iter().map(|(h, p)| (*h, p.clone())).collect();
-        for (h, p) in partials {
-            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
-            self.flush_partial(&h, &mut p)?;
+        let partials: Vec<Hash> = self.partials_lock().keys().copied().collect();
+        for h in partials {
+            self.sync_partial(&h)?;
         }
         self.db.flush().map_err(|e| self.db_err(e))?;
         Ok(())

@@ -31,6 +31,22 @@ pub(crate) struct Partial {
     present: Present,
     /// Bytes written since the last flush.
     dirty: u64,
+    /// Held while the blob is synced, so one sync runs at a time; never taken while the
+    /// partial's own lock is held.
+    syncing: Arc<Mutex<()>>,
+    /// Bumped whenever groups leave the present-set, so a sync does not record an older set.
+    gen: u64,
+}
+
+/// What a write left to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Nothing yet.
+    Partial,
+    /// Enough bytes are unsynced that `Store::sync_partial` should run.
+    FlushDue,
+    /// Every group is present: `Store::sync_partial` makes the blob durable and complete.
+    AllPresent,
 }
 
 impl Partial {
@@ -135,6 +151,8 @@ impl Store {
             ob,
             present,
             dirty: 0,
+            syncing: Arc::default(),
+            gen: 0,
         }));
         self.partials_lock().insert(*h, p.clone());
         Ok(p)
@@ -144,6 +162,17 @@ impl Store {
     /// verifies it and stores every verified group. Returns true once the blob is complete.
     /// On bad data, whatever verified before it is kept and `BadData` is returned.
     pub fn write_encoded(&self, h: &Hash, size: u64, want: &[Range<u64>], input: &mut dyn Read) -> Result<bool> {
+        let w = self.write_verified(h, size, want, input)?;
+        if w != Written::Partial {
+            self.sync_partial(h)?;
+        }
+        Ok(w == Written::AllPresent)
+    }
+
+    /// As `write_encoded`, but leaves the fsync (and the marking of a complete blob) to the
+    /// caller: `Store::sync_partial`, when the result asks for it. Until then the groups are
+    /// present for readers but not yet recorded in the index.
+    pub fn write_verified(&self, h: &Hash, size: u64, want: &[Range<u64>], input: &mut dyn Read) -> Result<Written> {
         let tree = Tree::new(size);
         if let Some(m) = self.meta(h)?.filter(|m| m.complete) {
             if m.size != size {
@@ -155,10 +184,13 @@ impl Store {
             }
             bao::decode(tree, h, want, input, &mut |_| Ok(()))
                 .map_err(|source| StoreError::BadData { hash: *h, source })?;
-            return Ok(true);
+            return Ok(Written::AllPresent);
         }
         if tree.is_single_group() {
-            return self.write_single(h, size, want, input);
+            return Ok(match self.write_single(h, size, want, input)? {
+                true => Written::AllPresent,
+                false => Written::Partial,
+            });
         }
         // Verify first, into memory, without holding the blob: the input may be a network
         // stream, and other writers of the same blob must not wait on it.
@@ -223,17 +255,13 @@ impl Store {
                 return Err(StoreError::BadData { hash: *h, source });
             }
         }
-        if part.present.is_full() {
-            self.complete_partial(h, part)?;
-            drop(p);
-            self.partials_lock().remove(h);
-            self.gc()?;
-            return Ok(true);
-        }
-        if part.dirty >= FLUSH_BYTES {
-            self.flush_partial(h, part)?;
-        }
-        Ok(false)
+        Ok(if part.present.is_full() {
+            Written::AllPresent
+        } else if part.dirty >= FLUSH_BYTES {
+            Written::FlushDue
+        } else {
+            Written::Partial
+        })
     }
 
     /// A blob of one group is verified whole and kept inline.
@@ -265,45 +293,61 @@ impl Store {
         Ok(true)
     }
 
-    /// Makes a partial blob's written groups durable, then records them.
-    pub(crate) fn flush_partial(&self, h: &Hash, p: &mut Partial) -> Result<()> {
-        if p.dirty == 0 {
+    /// Makes a partial blob's written groups durable, then records them in the index; if
+    /// every group is present, marks the blob complete (and announces it). The fsync runs
+    /// without the blob's lock, so writers and readers go on meanwhile.
+    pub fn sync_partial(&self, h: &Hash) -> Result<()> {
+        let Some(p) = self.open_partial(h) else {
+            return Ok(());
+        };
+        let syncing = p.lock().unwrap_or_else(|e| e.into_inner()).syncing.clone();
+        let _one = syncing.lock().unwrap_or_else(|e| e.into_inner());
+        let what = || format!("cannot sync blob {h}");
+        // What is written now is what this sync makes durable.
+        let (gen, present, dirty, data, ob) = {
+            let mut g = p.lock().unwrap_or_else(|e| e.into_inner());
+            if g.dirty == 0 && !g.present.is_full() {
+                return Ok(());
+            }
+            let files = (g.data.try_clone().ctx(what)?, g.ob.try_clone().ctx(what)?);
+            let dirty = std::mem::take(&mut g.dirty);
+            (g.gen, g.present.clone(), dirty, files.0, files.1)
+        };
+        let synced = data.sync_data().and_then(|()| ob.sync_data());
+        let mut g = p.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = synced {
+            g.dirty += dirty;
+            return Err(e).ctx(what);
+        }
+        if g.gen != gen {
+            // Groups were dropped meanwhile; the next sync records the smaller set.
+            g.dirty += dirty.max(1);
             return Ok(());
         }
-        let what = || format!("cannot sync blob {h}");
-        p.data.sync_data().ctx(what)?;
-        p.ob.sync_data().ctx(what)?;
         let _w = self.lock_write();
         let Some(old) = self.meta(h)? else {
             return Ok(());
         };
         let mut m = old;
-        m.present = present_bytes(&p.tree, &p.present);
         let mut b = sled::Batch::default();
-        b.insert(&key(TAG_PRESENT, h)[..], p.present.to_bytes());
+        if present.is_full() {
+            m.complete = true;
+            m.present = m.size;
+            b.remove(&key(TAG_PRESENT, h)[..]);
+        } else {
+            m.present = present_bytes(&g.tree, &present);
+            b.insert(&key(TAG_PRESENT, h)[..], present.to_bytes());
+        }
         self.put_meta(h, Some(&old), &mut m, b)?;
-        p.dirty = 0;
-        Ok(())
-    }
-
-    fn complete_partial(&self, h: &Hash, p: &mut Partial) -> Result<()> {
-        let what = || format!("cannot sync blob {h}");
-        p.data.sync_data().ctx(what)?;
-        p.ob.sync_data().ctx(what)?;
-        let _w = self.lock_write();
-        let Some(old) = self.meta(h)? else {
+        if !present.is_full() {
             return Ok(());
-        };
-        let mut m = old;
-        m.complete = true;
-        m.present = m.size;
-        let mut b = sled::Batch::default();
-        b.remove(&key(TAG_PRESENT, h)[..]);
-        self.put_meta(h, Some(&old), &mut m, b)?;
-        p.dirty = 0;
+        }
         tracing::info!(hash = %h, size = m.size, "blob complete");
         drop(_w);
+        drop(g);
+        self.partials_lock().remove(h);
         self.completed(*h);
+        self.gc()?;
         Ok(())
     }
 
@@ -320,6 +364,7 @@ impl Store {
                 for &g in bad {
                     p.present.remove(g);
                 }
+                p.gen += 1;
                 p.present.clone()
             }
             None => {
