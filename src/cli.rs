@@ -154,6 +154,9 @@ pub struct DaemonArgs {
     /// Tests only: flip a bit in every blob this node serves
     #[arg(long, hide = true)]
     pub test_corrupt_responses: bool,
+    /// Tests only: take this many seconds more to shut down (to test a second Ctrl-C)
+    #[arg(long, hide = true, value_name = "SECS", default_value_t = 0)]
+    pub test_shutdown_delay: u64,
 }
 
 /// How to reach the network.
@@ -278,6 +281,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             lookup_timeout: std::time::Duration::from_secs(opts.lookup_timeout),
             read_timeout: std::time::Duration::from_secs(opts.read_timeout),
             passthrough: !opts.no_passthrough,
+            shutdown_delay: std::time::Duration::from_secs(opts.test_shutdown_delay),
             net: crate::net::NetOptions {
                 listen,
                 bootstrap: config.bootstrap(&opts.net.bootstrap)?,

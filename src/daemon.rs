@@ -32,6 +32,8 @@ pub struct DaemonOptions {
     pub lookup_timeout: Duration,
     pub read_timeout: Duration,
     pub passthrough: bool,
+    /// Tests only: a slower shutdown.
+    pub shutdown_delay: Duration,
     pub net: crate::net::NetOptions,
 }
 
@@ -200,6 +202,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
     }
     let info = rt.block_on(ctx.fetcher.net().info());
     eprintln!("swarmfs: peer id {}", info.peer_id);
+    let fetcher = ctx.fetcher.clone();
     let control = control::Server::start(store.clone(), Some(ctx)).context("cannot serve the control socket")?;
 
     rt.block_on(async {
@@ -212,13 +215,12 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
         }
         tracing::info!("shutting down");
         eprintln!("swarmfs: shutting down (Ctrl-C again to force)");
-        // A second Ctrl-C means "now".
-        tokio::spawn(async move {
-            int.recv().await;
-            eprintln!("swarmfs: forced exit");
-            std::process::exit(130);
-        });
+        drop(int);
+        force_exit_on_sigint();
     });
+    // Lookups and reads waiting on the network give up now, so the unmount is not held up.
+    fetcher.stop();
+    std::thread::sleep(opts.shutdown_delay);
 
     drop(control);
     if let (Some(s), Some(dir)) = (session, &opts.mount) {
@@ -245,6 +247,24 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
     rt.shutdown_timeout(Duration::from_secs(2));
     eprintln!("swarmfs: stopped");
     Ok(())
+}
+
+/// A second Ctrl-C means "now", at any point of the shutdown, even once the runtime (and its
+/// signal handling) is gone: a plain handler that writes one line and exits with 130.
+fn force_exit_on_sigint() {
+    extern "C" fn now(_: libc::c_int) {
+        const MSG: &[u8] = b"swarmfs: forced exit\n";
+        // Only async-signal-safe calls here.
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(130);
+        }
+    }
+    let handler: extern "C" fn(libc::c_int) = now;
+    // SAFETY: the handler makes only async-signal-safe calls.
+    unsafe {
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+    }
 }
 
 /// The kernel caps FUSE read-ahead at 128 KiB at init; as root we can raise the mount's own

@@ -3,8 +3,8 @@
 //! - **Providers** come from connected peers (asked directly) and a DHT lookup, in parallel;
 //!   they are remembered per blob. A provider that cannot be reached (a stale record, a
 //!   peer gone away) is set aside for a backoff that doubles with each failure.
-//! - **Size**: every known provider is asked for the first group at once; the first answer
-//!   tells the size, and the last group, verified, confirms it.
+//! - **Size**: up to `SIZE_ASKS` providers are asked for the first group at once; the first
+//!   answer tells the size, and the last group, verified, confirms it.
 //! - **Units**: missing groups are fetched in units of `UNIT` groups (256 KiB), aligned. Each
 //!   unit goes to the reachable provider with the least work queued, at most `PER_PEER`
 //!   requests in flight per provider. Two readers that want the same unit share one fetch.
@@ -33,6 +33,8 @@ use crate::tree::Tree;
 pub const UNIT: u64 = 16;
 /// Requests in flight per provider.
 const PER_PEER: usize = 4;
+/// Providers asked at once for a blob's first group.
+const SIZE_ASKS: usize = 8;
 /// The first backoff of an unreachable provider; it doubles up to `MAX_BACKOFF`.
 const BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -63,6 +65,8 @@ pub struct Fetcher {
     providers: Mutex<HashMap<Hash, Vec<PeerId>>>,
     inflight: Mutex<HashMap<(Hash, u64), Inflight>>,
     peers: Mutex<HashMap<PeerId, PeerState>>,
+    /// Set when the daemon shuts down: waits on the network end at once.
+    stopping: watch::Sender<bool>,
 }
 
 /// A request slot with one provider, given back (to the most urgent waiter) on drop.
@@ -123,6 +127,8 @@ pub enum GetError {
     NoProviders(Hash),
     #[error("blob {hash}: groups {}..{} could not be fetched in time", groups.start, groups.end)]
     Timeout { hash: Hash, groups: Range<u64> },
+    #[error("the daemon is shutting down")]
+    Stopped,
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 }
@@ -136,7 +142,23 @@ impl Fetcher {
             providers: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
+            stopping: watch::channel(false).0,
         })
+    }
+
+    /// Ends every wait on the network (lookups give "not found", reads fail): the daemon is
+    /// shutting down, and nothing should hold up the unmount.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Runs `f`, or gives `otherwise` as soon as the fetcher is stopped.
+    async fn unless_stopped<T>(&self, f: impl std::future::Future<Output = T>, otherwise: T) -> T {
+        let mut stopping = self.stopping.subscribe();
+        tokio::select! {
+            r = f => r,
+            _ = stopping.wait_for(|s| *s) => otherwise,
+        }
     }
 
     /// The node.
@@ -282,9 +304,12 @@ impl Fetcher {
             let peers = self.find_providers(h, left.min(Duration::from_secs(5))).await;
             // Every candidate is worth a try later: units are spread over all of them.
             self.remember(h, &peers);
+            // A popular blob may have thousands of providers: ask a few (connected ones come
+            // first), not all.
             let mut asks: FuturesUnordered<_> = peers
                 .into_iter()
                 .filter(|p| !self.is_down(p))
+                .take(SIZE_ASKS)
                 .map(|p| async move {
                     let res = self.net.fetch(p, h, vec![0..1]).await;
                     self.record(p, &res);
@@ -463,7 +488,8 @@ pub struct NetSource {
 
 impl crate::fs::BlobSource for NetSource {
     fn find(&self, hash: &Hash, timeout: Duration) -> Option<u64> {
-        self.rt.block_on(self.fetcher.size(*hash, timeout))
+        let f = &self.fetcher;
+        self.rt.block_on(f.unless_stopped(f.size(*hash, timeout), None))
     }
 
     fn fetch(&self, hash: &Hash, want: Range<u64>, readahead: Range<u64>) -> bool {
@@ -476,7 +502,12 @@ impl crate::fs::BlobSource for NetSource {
             });
         }
         let deadline = Instant::now() + self.read_timeout;
-        match self.rt.block_on(self.fetcher.ensure(*hash, want, deadline, true)) {
+        let f = &self.fetcher;
+        let stopped = Err(GetError::Stopped);
+        match self
+            .rt
+            .block_on(f.unless_stopped(f.ensure(*hash, want, deadline, true), stopped))
+        {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!("{e}");
@@ -509,7 +540,9 @@ pub fn fetch_all(
     while g < groups {
         let w = g..(g + WINDOW).min(groups);
         let deadline = Instant::now() + ctx.read_timeout;
-        ctx.rt.block_on(f.ensure(h, w.clone(), deadline, true))?;
+        let stopped = Err(GetError::Stopped);
+        ctx.rt
+            .block_on(f.unless_stopped(f.ensure(h, w.clone(), deadline, true), stopped))?;
         if progress {
             let got = store.info(&h)?.map_or(0, |i| i.present);
             let secs = started.elapsed().as_secs_f64().max(0.001);

@@ -468,3 +468,33 @@ fn cli_goes_through_the_daemon_and_stale_mounts_are_cleaned() {
     assert_eq!(fs::read(e.mnt.join(b3(&f))).unwrap(), fs::read(&f).unwrap());
     drop(d);
 }
+
+#[test]
+fn a_second_ctrl_c_forces_the_exit() {
+    let e = env();
+    // A slow shutdown (the hidden test flag), as a stuck disk or peer would make it.
+    let mut d = Daemon::start(
+        &e.data,
+        &e.mnt,
+        &["--lookup-timeout", "20", "--test-shutdown-delay", "20"],
+    );
+    // A lookup of a hash nobody has waits on the network; the shutdown ends it at once.
+    let mnt = e.mnt.clone();
+    let probe = std::thread::spawn(move || fs::metadata(mnt.join("ab".repeat(32))).map(|_| ()));
+    std::thread::sleep(Duration::from_millis(300));
+    sh(&format!("kill -INT {}", d.pid()));
+    let t = std::time::Instant::now();
+    let looked = probe.join().unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "the pending lookup ended with the shutdown"
+    );
+    assert_eq!(looked.unwrap_err().raw_os_error(), Some(2), "ENOENT");
+    std::thread::sleep(Duration::from_millis(300));
+    let code = d.stop_with("INT");
+    assert_eq!(code, Some(130), "{}", d.log_text());
+    assert!(d.log_text().contains("swarmfs: forced exit"), "{}", d.log_text());
+    // Dropping `d` cleans up whatever mount the forced exit left.
+    drop(d);
+    assert!(!is_mounted(&e.mnt));
+}
