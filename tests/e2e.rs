@@ -62,8 +62,14 @@ fn two_machines_share_a_file() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(complete(), "B did not complete the blob");
-    let providers = ok(swarmfs(&a.data, &["providers", &hash]));
+    // B announces it once complete; A's lookup finds B (given a moment for the announcement).
     let b_id = addr_of(&b.data).rsplit('/').next().unwrap().to_string();
+    let t = std::time::Instant::now();
+    let mut providers = ok(swarmfs(&a.data, &["providers", &hash]));
+    while !providers.lines().any(|l| l == b_id) && t.elapsed() < std::time::Duration::from_secs(20) {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        providers = ok(swarmfs(&a.data, &["providers", &hash]));
+    }
     assert!(
         providers.lines().any(|l| l == b_id),
         "B seeds what it fetched: {providers}"
