@@ -454,7 +454,8 @@ pub fn execute(
         }
         Command::Providers { .. } => {
             let n = net.context("no node to ask")?;
-            let found = n.rt.block_on(n.fetcher.net().providers(hashes[0], n.lookup_timeout));
+            let found =
+                n.rt.block_on(n.fetcher.net().all_providers(hashes[0], n.lookup_timeout));
             for p in &found {
                 writeln!(out, "{p}")?;
             }

@@ -26,7 +26,7 @@ use libp2p::kad::{self, store::MemoryStore, store::MemoryStoreConfig, GetProvide
 use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::hash::Hash;
 use crate::protocol::{self, Request, ResponseHead, Status};
@@ -93,7 +93,8 @@ pub struct Counters {
 
 enum Cmd {
     Provide(Hash),
-    Providers(Hash, oneshot::Sender<HashSet<PeerId>>),
+    /// The providers found so far, and whether the lookup has ended.
+    Providers(Hash, watch::Sender<(HashSet<PeerId>, bool)>),
     Info(oneshot::Sender<(Vec<Multiaddr>, Vec<PeerId>)>),
     Ban(PeerId),
     Stop,
@@ -328,17 +329,25 @@ impl Net {
         let _ = self.tx.send(Cmd::Provide(h)).await;
     }
 
-    /// Peers that provide `h`, from the DHT, waiting at most `timeout`.
+    /// Peers that provide `h`, from the DHT: the first ones found, as soon as there are any
+    /// (what a reader wants), waiting at most `timeout`.
     pub async fn providers(&self, h: Hash, timeout: Duration) -> Vec<PeerId> {
-        let (tx, rx) = oneshot::channel();
+        self.lookup(h, timeout, false).await
+    }
+
+    /// Every provider of `h` the DHT lookup finds before it ends or `timeout` passes (what
+    /// `swarmfs providers` shows).
+    pub async fn all_providers(&self, h: Hash, timeout: Duration) -> Vec<PeerId> {
+        self.lookup(h, timeout, true).await
+    }
+
+    async fn lookup(&self, h: Hash, timeout: Duration, all: bool) -> Vec<PeerId> {
+        let (tx, mut rx) = watch::channel((HashSet::new(), false));
         if self.tx.send(Cmd::Providers(h, tx)).await.is_err() {
             return Vec::new();
         }
-        let found = tokio::time::timeout(timeout, rx)
-            .await
-            .ok()
-            .and_then(|r| r.ok())
-            .unwrap_or_default();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|(set, done)| *done || (!all && !set.is_empty()))).await;
+        let found = rx.borrow().0.clone();
         let banned = self.banned.lock().unwrap_or_else(|e| e.into_inner()).clone();
         found
             .into_iter()
@@ -773,7 +782,7 @@ impl Read for ChannelReader {
 
 /// The task that owns the swarm.
 async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, banned: Arc<Mutex<HashSet<PeerId>>>) {
-    let mut pending: HashMap<kad::QueryId, (oneshot::Sender<HashSet<PeerId>>, HashSet<PeerId>)> = HashMap::new();
+    let mut pending: HashMap<kad::QueryId, watch::Sender<(HashSet<PeerId>, bool)>> = HashMap::new();
     let mut listen: Vec<Multiaddr> = Vec::new();
     let mut bootstrapped = false;
     loop {
@@ -786,7 +795,7 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
                 }
                 Some(Cmd::Providers(h, tx)) => {
                     let q = swarm.behaviour_mut().kad.get_providers(record_key(&h));
-                    pending.insert(q, (tx, HashSet::new()));
+                    pending.insert(q, tx);
                 }
                 Some(Cmd::Info(tx)) => {
                     let _ = tx.send((listen.clone(), swarm.connected_peers().copied().collect()));
@@ -834,20 +843,19 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
                 SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                     id, result: QueryResult::GetProviders(res), step, ..
                 })) => {
-                    let done = match res {
-                        Ok(GetProvidersOk::FoundProviders { providers, .. }) => {
-                            if let Some((_, set)) = pending.get_mut(&id) {
-                                set.extend(providers);
+                    // Our own record (a blob we hold) is no answer.
+                    let me = *swarm.local_peer_id();
+                    let done = step.last || res.is_err() || !matches!(res, Ok(GetProvidersOk::FoundProviders { .. }));
+                    if let Some(tx) = pending.get(&id) {
+                        tx.send_modify(|(set, end)| {
+                            if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = res {
+                                set.extend(providers.into_iter().filter(|p| *p != me));
                             }
-                            // Answer as soon as someone has it; the query goes on alone.
-                            pending.get(&id).is_some_and(|(_, s)| !s.is_empty()) || step.last
-                        }
-                        _ => true,
-                    };
+                            *end = done;
+                        });
+                    }
                     if done {
-                        if let Some((tx, set)) = pending.remove(&id) {
-                            let _ = tx.send(set);
-                        }
+                        pending.remove(&id);
                     }
                 }
                 _ => {}

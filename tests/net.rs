@@ -195,3 +195,26 @@ async fn a_provider_that_went_away_is_set_aside_and_the_fetch_completes() {
         assert!(f.set_aside().contains(&gone.net.peer_id()), "{:?}", f.set_aside());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_holds_a_blob_still_finds_the_other_providers() {
+    // Its own record answers first; that must not end the lookup with nobody.
+    let a = node(&[], false).await;
+    let bytes = data(100_000, 65);
+    let (h, _) = a.store.import_reader(&bytes[..], true).unwrap();
+    a.net.provide(h).await;
+    let b = node(&[&a.addr], false).await;
+    b.store.import_reader(&bytes[..], true).unwrap();
+    b.net.provide(h).await;
+    let mut found = Vec::new();
+    for _ in 0..50 {
+        found = b.net.providers(h, Duration::from_secs(5)).await;
+        if !found.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(found, vec![a.net.peer_id()]);
+    let all = b.net.all_providers(h, Duration::from_secs(5)).await;
+    assert_eq!(all, vec![a.net.peer_id()]);
+}
