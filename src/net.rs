@@ -177,7 +177,8 @@ pub struct Fetched {
     pub size: u64,
     /// The groups the peer sent (verified and stored).
     pub ranges: Vec<Range<u64>>,
-    /// The blob is now complete locally.
+    /// Every group of the blob is now present locally (it is marked complete, and
+    /// announced, once the sync behind the reader has run).
     pub complete: bool,
 }
 
