@@ -51,6 +51,12 @@ struct PeerState {
     failures: u32,
 }
 
+impl PeerState {
+    fn is_down(&self, now: Instant) -> bool {
+        self.down_until.is_some_and(|t| now < t)
+    }
+}
+
 /// A unit being fetched: waiters watch for `true`; `urgent` is raised when a reader needs it.
 #[derive(Clone)]
 struct Inflight {
@@ -215,20 +221,13 @@ impl Fetcher {
     pub fn set_aside(&self) -> Vec<PeerId> {
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        peers
-            .iter()
-            .filter(|(_, s)| s.down_until.is_some_and(|t| now < t))
-            .map(|(p, _)| *p)
-            .collect()
+        peers.iter().filter(|(_, s)| s.is_down(now)).map(|(p, _)| *p).collect()
     }
 
     /// True while `p` is set aside after failures to reach it.
     fn is_down(&self, p: &PeerId) -> bool {
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        peers
-            .get(p)
-            .and_then(|s| s.down_until)
-            .is_some_and(|t| Instant::now() < t)
+        peers.get(p).is_some_and(|s| s.is_down(Instant::now()))
     }
 
     /// Records how a request to `p` went: reaching it clears its backoff; failing to reach
@@ -258,7 +257,7 @@ impl Fetcher {
         known
             .into_iter()
             .filter(|p| !skip.contains(p))
-            .filter(|p| peers.get(p).and_then(|s| s.down_until).is_none_or(|t| now >= t))
+            .filter(|p| !peers.get(p).is_some_and(|s| s.is_down(now)))
             .min_by_key(|p| peers.get(p).map_or(0, |s| s.busy + s.waiting.len()))
     }
 
@@ -286,8 +285,8 @@ impl Fetcher {
         Slot { fetcher: self, peer: p }
     }
 
-    /// Finds blob `h` on the network and verifies its size: the first group, asked of every
-    /// reachable provider at once, then the last group from the first that answered. Returns
+    /// Finds blob `h` on the network and verifies its size: the first group, asked of up to
+    /// `SIZE_ASKS` reachable providers at once, then the last group from the first that answered. Returns
     /// the size, or `None` if nobody has it within `timeout`.
     pub async fn size(&self, h: Hash, timeout: Duration) -> Option<u64> {
         if let Ok(Some(info)) = self.store.info(&h) {

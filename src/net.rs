@@ -444,7 +444,6 @@ impl Net {
         busy: bool,
         corrupt: bool,
     ) -> io::Result<()> {
-        let refuse = |s| ResponseHead::refuse(s).encode().map_err(io::Error::other);
         loop {
             let req = match tokio::time::timeout(STREAM_IDLE, read_request(&mut stream)).await {
                 Err(_) | Ok(Ok(None)) => return stream.close().await,
@@ -474,7 +473,6 @@ impl Net {
         req: Request,
         corrupt: bool,
     ) -> io::Result<()> {
-        let refuse = |s| ResponseHead::refuse(s).encode().map_err(io::Error::other);
         let (size, present) = match (self.store.info(&req.hash), self.store.present_groups(&req.hash)) {
             (Ok(Some(info)), Ok(p)) => (info.size, p),
             _ => return stream.write_all(&refuse(Status::NotFound)?).await,
@@ -701,6 +699,11 @@ async fn read_request(s: &mut libp2p::Stream) -> Result<Option<Request>, protoco
     let mut all = head.to_vec();
     all.extend_from_slice(&rest);
     Request::read(&mut &all[..]).map(Some)
+}
+
+/// The encoded response head that refuses a request with `s`.
+fn refuse(s: Status) -> io::Result<Vec<u8>> {
+    ResponseHead::refuse(s).encode().map_err(io::Error::other)
 }
 
 async fn read_head(s: &mut libp2p::Stream) -> io::Result<ResponseHead> {

@@ -57,23 +57,18 @@ fn two_machines_share_a_file() {
             .iter()
             .any(|x| x["hash"] == hash.as_str() && x["complete"] == true)
     };
-    let t = std::time::Instant::now();
-    while !complete() && t.elapsed() < std::time::Duration::from_secs(20) {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert!(complete(), "B did not complete the blob");
+    assert!(
+        eventually(Duration::from_secs(20), complete),
+        "B did not complete the blob"
+    );
     // B announces it once complete; A's lookup finds B (given a moment for the announcement).
     let b_id = addr_of(&b.data).rsplit('/').next().unwrap().to_string();
-    let t = std::time::Instant::now();
-    let mut providers = ok(swarmfs(&a.data, &["providers", &hash]));
-    while !providers.lines().any(|l| l == b_id) && t.elapsed() < std::time::Duration::from_secs(20) {
-        std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut providers = String::new();
+    let found = eventually(Duration::from_secs(20), || {
         providers = ok(swarmfs(&a.data, &["providers", &hash]));
-    }
-    assert!(
-        providers.lines().any(|l| l == b_id),
-        "B seeds what it fetched: {providers}"
-    );
+        providers.lines().any(|l| l == b_id)
+    });
+    assert!(found, "B seeds what it fetched: {providers}");
     // get writes a verified copy.
     let out = root.path().join("copy");
     ok(swarmfs(&b.data, &["get", &hash, "-o"]).arg(&out));

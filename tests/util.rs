@@ -259,6 +259,20 @@ impl Drop for Daemon {
     }
 }
 
+/// Checks `cond` every 100 ms until it holds or `limit` passes; returns whether it held.
+pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `getfattr --only-values -n user.swarmfs.hash PATH`
 pub fn xattr_hash(path: &Path) -> String {
     let mut c = Command::new("getfattr");

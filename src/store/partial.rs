@@ -36,6 +36,9 @@ pub(crate) struct Partial {
     syncing: Arc<Mutex<()>>,
     /// Bumped whenever groups leave the present-set, so a sync does not record an older set.
     gen: u64,
+    /// A write already said a sync is due, and that sync has not taken its snapshot yet:
+    /// later writes do not ask again.
+    sync_asked: bool,
 }
 
 /// What a write left to do.
@@ -153,6 +156,7 @@ impl Store {
             dirty: 0,
             syncing: Arc::default(),
             gen: 0,
+            sync_asked: false,
         }));
         self.partials_lock().insert(*h, p.clone());
         Ok(p)
@@ -257,7 +261,8 @@ impl Store {
         }
         Ok(if part.present.is_full() {
             Written::AllPresent
-        } else if part.dirty >= FLUSH_BYTES {
+        } else if part.dirty >= FLUSH_BYTES && !part.sync_asked {
+            part.sync_asked = true;
             Written::FlushDue
         } else {
             Written::Partial
@@ -306,6 +311,7 @@ impl Store {
         // What is written now is what this sync makes durable.
         let (gen, present, dirty, data, ob) = {
             let mut g = p.lock().unwrap_or_else(|e| e.into_inner());
+            g.sync_asked = false;
             if g.dirty == 0 && !g.present.is_full() {
                 return Ok(());
             }
