@@ -34,6 +34,27 @@ fn random_range_reads_equal_the_source() {
     }
 }
 
+#[test]
+fn a_blob_file_cut_short_reads_as_corrupt_at_the_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let bytes = data(10 * GROUP_SIZE, 8);
+    let (h, _) = store.import_reader(&bytes[..], false).unwrap();
+    let path = dir.path().join("blobs").join(h.to_string());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(6 * GROUP_SIZE + 100)
+        .unwrap();
+    let mut r = store.reader(&h).unwrap();
+    assert!(r.read_at(0, 6 * GROUP_SIZE as usize).unwrap() == bytes[..6 * GROUP_SIZE as usize]);
+    match r.read_at(5 * GROUP_SIZE, 3 * GROUP_SIZE as usize) {
+        Err(StoreError::Corrupt { group, .. }) => assert_eq!(group, 6),
+        other => panic!("expected the cut group to read as corrupt, got {other:?}"),
+    }
+}
+
 /// The encoding of `want` from a store that holds the blob.
 fn encoding(src: &Store, h: &Hash, want: &[Range<u64>]) -> Vec<u8> {
     let mut out = Vec::new();
