@@ -35,6 +35,35 @@ fn random_file(path: &Path, mib: u64) {
     sh(&format!("head -c {}M /dev/urandom > {}", mib, path.display()));
 }
 
+/// Two hosts under a fresh root, with A's daemon seeding a random file of `mib` MiB.
+/// Fields drop in order: A's daemon stops before the root is removed. Tests keep the whole
+/// value and borrow its fields, so that no field is dropped early.
+struct Seeded {
+    da: Daemon,
+    a: Host,
+    b: Host,
+    src: PathBuf,
+    hash: String,
+    root: tempfile::TempDir,
+}
+
+fn seeded(mib: u64) -> Seeded {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (host(root.path(), "a"), host(root.path(), "b"));
+    let src = root.path().join("src");
+    random_file(&src, mib);
+    let da = Daemon::start(&a.data, &a.mnt, &[]);
+    let hash = add_file(&a.data, &src);
+    Seeded {
+        da,
+        a,
+        b,
+        src,
+        hash,
+        root,
+    }
+}
+
 #[test]
 fn two_machines_share_a_file() {
     let root = tempfile::tempdir().unwrap();
@@ -77,12 +106,8 @@ fn two_machines_share_a_file() {
 
 #[test]
 fn a_read_far_into_a_big_blob_transfers_little() {
-    let root = tempfile::tempdir().unwrap();
-    let (a, b) = (host(root.path(), "a"), host(root.path(), "b"));
-    let src = root.path().join("big");
-    random_file(&src, 1024);
-    let _da = Daemon::start(&a.data, &a.mnt, &[]);
-    let hash = add_file(&a.data, &src);
+    let seed = seeded(1024);
+    let (a, b, src, hash) = (&seed.a, &seed.b, &seed.src, seed.hash.clone());
     let _db = Daemon::start(&b.data, &b.mnt, &["--bootstrap", &addr_of(&a.data)]);
     let before = received(&b.data);
     let mut f = fs::File::open(b.mnt.join(&hash)).unwrap();
@@ -90,7 +115,7 @@ fn a_read_far_into_a_big_blob_transfers_little() {
     let mut got = vec![0u8; 1 << 20];
     f.read_exact(&mut got).unwrap();
     let mut want = vec![0u8; 1 << 20];
-    let mut s = fs::File::open(&src).unwrap();
+    let mut s = fs::File::open(src).unwrap();
     s.seek(SeekFrom::Start(700 << 20)).unwrap();
     s.read_exact(&mut want).unwrap();
     assert!(got == want, "wrong bytes at 700 MiB");
@@ -147,12 +172,8 @@ fn a_read_survives_the_death_of_one_provider() {
 
 #[test]
 fn nobody_has_it_gives_enoent_and_vanished_providers_give_eio() {
-    let root = tempfile::tempdir().unwrap();
-    let (a, b) = (host(root.path(), "a"), host(root.path(), "b"));
-    let src = root.path().join("f");
-    random_file(&src, 32);
-    let mut da = Daemon::start(&a.data, &a.mnt, &[]);
-    let hash = add_file(&a.data, &src);
+    let mut seed = seeded(32);
+    let (a, b, hash) = (&seed.a, &seed.b, seed.hash.clone());
     let db = Daemon::start(
         &b.data,
         &b.mnt,
@@ -174,7 +195,7 @@ fn nobody_has_it_gives_enoent_and_vanished_providers_give_eio() {
     let mut f = fs::File::open(b.mnt.join(&hash)).unwrap();
     let mut buf = vec![0u8; 1 << 20];
     f.read_exact(&mut buf).unwrap();
-    da.kill9();
+    seed.da.kill9();
     f.seek(SeekFrom::Start(30 << 20)).unwrap();
     let t = Instant::now();
     let err = f.read_exact(&mut buf).unwrap_err();
@@ -185,12 +206,8 @@ fn nobody_has_it_gives_enoent_and_vanished_providers_give_eio() {
 
 #[test]
 fn get_resumes_after_a_restart_and_fetches_only_what_was_missing() {
-    let root = tempfile::tempdir().unwrap();
-    let (a, b) = (host(root.path(), "a"), host(root.path(), "b"));
-    let src = root.path().join("f");
-    random_file(&src, 48);
-    let _da = Daemon::start(&a.data, &a.mnt, &[]);
-    let hash = add_file(&a.data, &src);
+    let seed = seeded(48);
+    let (a, b, hash, root) = (&seed.a, &seed.b, seed.hash.clone(), &seed.root);
     let boot = addr_of(&a.data);
     let mut db = Daemon::start(&b.data, &b.mnt, &["--bootstrap", &boot]);
     // Read the first 16 MiB through the mount, then restart B.
