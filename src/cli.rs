@@ -154,6 +154,12 @@ pub struct DaemonArgs {
     /// Tests only: flip a bit in every blob this node serves
     #[arg(long, hide = true)]
     pub test_corrupt_responses: bool,
+    /// Tests only: claim every group of every blob in have-maps sent to peers
+    #[arg(long, hide = true)]
+    pub test_lie_have: bool,
+    /// Tests only: refuse swarm streams, as a node from before them does
+    #[arg(long, hide = true)]
+    pub test_refuse_join: bool,
     /// Tests only: take this many seconds more to shut down (to test a second Ctrl-C)
     #[arg(long, hide = true, value_name = "SECS", default_value_t = 0)]
     pub test_shutdown_delay: u64,
@@ -287,6 +293,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 bootstrap: config.bootstrap(&opts.net.bootstrap)?,
                 mdns: !opts.net.no_mdns,
                 corrupt_responses: opts.test_corrupt_responses,
+                lie_have: opts.test_lie_have,
+                refuse_join: opts.test_refuse_join,
             },
         })?;
         Ok(ExitCode::SUCCESS)
@@ -325,6 +333,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 bootstrap: Config::load(&dir)?.bootstrap(&net.bootstrap)?,
                 mdns: !net.no_mdns,
                 corrupt_responses: false,
+                lie_have: false,
+                refuse_join: false,
             };
             let key = crate::net::load_identity(&dir)?;
             let node = rt.block_on(crate::net::Net::start(store.clone(), key, opts))?;
@@ -454,10 +464,42 @@ pub fn execute(
         }
         Command::Providers { .. } => {
             let n = net.context("no node to ask")?;
-            let found =
-                n.rt.block_on(n.fetcher.net().all_providers(hashes[0], n.lookup_timeout));
-            for p in &found {
-                writeln!(out, "{p}")?;
+            let h = hashes[0];
+            let net = n.fetcher.net();
+            let found = n.rt.block_on(net.all_providers(h, n.lookup_timeout));
+            // Ask each what it holds, all at once.
+            let held =
+                n.rt.block_on(futures::future::join_all(found.iter().map(|p| net.holding(*p, h))));
+            let rows: Vec<Provider> = found
+                .iter()
+                .zip(held)
+                .map(|(p, r)| Provider {
+                    peer: p.to_string(),
+                    size: r.as_ref().ok().map(|x| x.size),
+                    bytes_held: r
+                        .as_ref()
+                        .ok()
+                        .map(|x| (x.groups_held * crate::tree::GROUP_SIZE).min(x.size)),
+                    complete: r.as_ref().ok().map(|x| x.groups_held == x.groups),
+                })
+                .collect();
+            if cli.json {
+                serde_json::to_writer_pretty(&mut *out, &rows)?;
+                writeln!(out)?;
+            } else {
+                for r in &rows {
+                    match (r.size, r.bytes_held) {
+                        (Some(size), Some(held)) => writeln!(
+                            out,
+                            "{}  {:5.1}%  {} of {} bytes",
+                            r.peer,
+                            100.0 * held as f64 / size.max(1) as f64,
+                            held,
+                            size
+                        )?,
+                        _ => writeln!(out, "{}  (did not say what it holds)", r.peer)?,
+                    }
+                }
             }
             Ok(if found.is_empty() { 1 } else { 0 })
         }
@@ -472,11 +514,14 @@ pub fn execute(
                 }
                 return Ok(0);
             }
+            let swarms = &n.fetcher.net().swarms;
             let status = Status {
                 cache_used: store.used(),
                 cache_size: store.cache_size(),
                 active_transfers: n.fetcher.active(),
                 net: info,
+                transfers: swarms.transfers(),
+                traffic: swarms.totals(),
             };
             if cli.json {
                 serde_json::to_writer_pretty(&mut *out, &status)?;
@@ -491,6 +536,21 @@ pub fn execute(
                 writeln!(out, "transfers  {} active", status.active_transfers)?;
                 writeln!(out, "sent       {} bytes", status.net.bytes_sent)?;
                 writeln!(out, "received   {} bytes", status.net.bytes_received)?;
+                for t in &status.transfers {
+                    writeln!(out, "blob       {}  ({} in its swarm)", t.hash, t.members)?;
+                    for p in &t.peers {
+                        let held = p.groups_held.map_or(String::new(), |g| format!("  holds {g} groups"));
+                        writeln!(
+                            out,
+                            "  {}  down {}/s  up {}/s  received {}  sent {}{held}",
+                            p.peer,
+                            human(p.down_rate),
+                            human(p.up_rate),
+                            human(p.received),
+                            human(p.sent)
+                        )?;
+                    }
+                }
             }
             Ok(0)
         }
@@ -528,6 +588,35 @@ struct Status {
     cache_used: u64,
     cache_size: u64,
     active_transfers: usize,
+    /// Blobs moving now, per peer: bytes and rates each way.
+    transfers: Vec<crate::swarm::Transfer>,
+    /// Bytes moved with each peer since the start.
+    traffic: Vec<crate::swarm::PeerFlow>,
+}
+
+/// What `providers` shows per provider (unknown fields: it did not answer a swarm join).
+#[derive(Serialize)]
+struct Provider {
+    peer: String,
+    size: Option<u64>,
+    bytes_held: Option<u64>,
+    complete: Option<bool>,
+}
+
+/// A byte count for people: 1.2 GiB, 48.0 MiB, 512 B.
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
 }
 
 #[derive(Serialize)]

@@ -29,10 +29,16 @@ use crate::net::{FetchError, Net};
 use crate::store::Store;
 use crate::tree::Tree;
 
+mod fill;
+
 /// Groups per transfer unit: 16 × 16 KiB = 256 KiB.
 pub const UNIT: u64 = 16;
-/// Requests in flight per provider.
+/// Requests in flight per provider to start with; the window then follows the provider's
+/// measured bandwidth × round-trip time, between `PER_PEER` and `MAX_PER_PEER`.
 const PER_PEER: usize = 4;
+const MAX_PER_PEER: usize = 48;
+/// Units fetched in random order by `fill` before it turns to rarest first.
+const RANDOM_FIRST: usize = 4;
 /// Providers asked at once for a blob's first group.
 const SIZE_ASKS: usize = 8;
 /// The first backoff of an unreachable provider; it doubles up to `MAX_BACKOFF`.
@@ -49,11 +55,38 @@ struct PeerState {
     /// Set aside until then, after failures to reach it.
     down_until: Option<Instant>,
     failures: u32,
+    /// The shortest time a request took to its response's head: the round trip.
+    rtt: Option<Duration>,
+    /// Bytes per second received from it, decaying over about a second.
+    rate: f64,
+    rate_at: Option<Instant>,
+    /// Requests allowed in flight.
+    window: usize,
 }
 
 impl PeerState {
     fn is_down(&self, now: Instant) -> bool {
         self.down_until.is_some_and(|t| now < t)
+    }
+
+    fn window(&self) -> usize {
+        self.window.max(PER_PEER)
+    }
+
+    /// A request brought `bytes` after `latency` to its head: update the round trip, the
+    /// rate and the window (twice the bandwidth-delay product in units, plus two).
+    fn measured(&mut self, bytes: u64, latency: Duration) {
+        let now = Instant::now();
+        self.rtt = Some(self.rtt.map_or(latency, |r| r.min(latency)));
+        const TAU: f64 = 1.0;
+        let decayed = self
+            .rate_at
+            .map_or(0.0, |t| self.rate * (-(now - t).as_secs_f64() / TAU).exp());
+        self.rate = decayed + bytes as f64 / TAU;
+        self.rate_at = Some(now);
+        let bdp = self.rate * self.rtt.unwrap_or_default().as_secs_f64();
+        let unit_bytes = (UNIT * crate::tree::GROUP_SIZE) as f64;
+        self.window = ((2.0 * bdp / unit_bytes).ceil() as usize + 2).clamp(PER_PEER, MAX_PER_PEER);
     }
 }
 
@@ -191,13 +224,19 @@ impl Fetcher {
         all
     }
 
+    /// Adds providers of `h`, and joins each in the blob's swarm (have-maps and peers).
     fn remember(&self, h: Hash, peers: &[PeerId]) {
-        let mut m = self.providers.lock().unwrap_or_else(|e| e.into_inner());
-        let list = m.entry(h).or_default();
-        for p in peers {
-            if !list.contains(p) {
-                list.push(*p);
+        {
+            let mut m = self.providers.lock().unwrap_or_else(|e| e.into_inner());
+            let list = m.entry(h).or_default();
+            for p in peers {
+                if !list.contains(p) {
+                    list.push(*p);
+                }
             }
+        }
+        for p in peers {
+            self.net.join(h, *p);
         }
     }
 
@@ -207,14 +246,21 @@ impl Fetcher {
         }
     }
 
-    /// The providers of `h` found so far.
+    /// The providers of `h` found so far, and the members of its swarm.
     pub fn known(&self, h: &Hash) -> Vec<PeerId> {
-        self.providers
+        let mut all = self
+            .providers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(h)
             .cloned()
-            .unwrap_or_default()
+            .unwrap_or_default();
+        for p in self.net.swarms.members(h) {
+            if !all.contains(&p) {
+                all.push(p);
+            }
+        }
+        all
     }
 
     /// Providers set aside right now, after failures to reach them.
@@ -242,6 +288,11 @@ impl Fetcher {
                 st.down_until = Some(Instant::now() + wait);
                 tracing::debug!("{e}; set aside for {wait:?}");
             }
+            Ok(f) => {
+                st.failures = 0;
+                st.down_until = None;
+                st.measured(f.bytes, f.latency);
+            }
             _ => {
                 st.failures = 0;
                 st.down_until = None;
@@ -249,8 +300,9 @@ impl Fetcher {
         }
     }
 
-    /// The reachable provider of `h` not in `skip` with the least work queued.
-    fn pick(&self, h: &Hash, skip: &[PeerId]) -> Option<PeerId> {
+    /// The reachable provider of `h` not in `skip` that may hold the groups `r` (its
+    /// have-map says so, or it sent none) with the least work queued for its window.
+    fn pick(&self, h: &Hash, skip: &[PeerId], r: &Range<u64>) -> Option<PeerId> {
         let known = self.known(h);
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -258,7 +310,13 @@ impl Fetcher {
             .into_iter()
             .filter(|p| !skip.contains(p))
             .filter(|p| !peers.get(p).is_some_and(|s| s.is_down(now)))
-            .min_by_key(|p| peers.get(p).map_or(0, |s| s.busy + s.waiting.len()))
+            .filter(|p| self.net.swarms.holds(h, p, r) != Some(false))
+            .min_by_key(|p| {
+                peers.get(p).map_or(0, |s| {
+                    // Load relative to the window, so a fast peer with a wide window takes more.
+                    (s.busy + s.waiting.len()) * MAX_PER_PEER / s.window()
+                })
+            })
     }
 
     /// A request slot with `p`, in priority order.
@@ -266,7 +324,7 @@ impl Fetcher {
         let rx = {
             let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
             let st = peers.entry(p).or_default();
-            if st.busy < PER_PEER {
+            if st.busy < st.window() {
                 st.busy += 1;
                 return Slot { fetcher: self, peer: p };
             }
@@ -427,7 +485,7 @@ impl Fetcher {
             if Instant::now() >= deadline {
                 return false;
             }
-            let Some(p) = self.pick(&h, &tried) else {
+            let Some(p) = self.pick(&h, &tried, &r) else {
                 // Every known provider failed this unit or is set aside: look again, at most
                 // once a second.
                 if looked.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
@@ -452,8 +510,9 @@ impl Fetcher {
             self.record(p, &res);
             match res {
                 Ok(f) if f.ranges.iter().any(|x| x.start <= r.start && x.end >= r.end) => return true,
-                Ok(_) => {
+                Ok(f) => {
                     tracing::debug!(peer = %p, "{h}: peer holds only part of {}..{}", r.start, r.end);
+                    self.net.swarms.correct(&h, &p, &r, &f.ranges);
                     tried.push(p);
                 }
                 Err(e @ (FetchError::Bad { .. } | FetchError::NotFound(_))) => {
@@ -530,39 +589,36 @@ pub fn fetch_all(
         .rt
         .block_on(f.size(h, ctx.lookup_timeout))
         .ok_or(GetError::NoProviders(h))?;
-    let groups = Tree::new(size).groups();
     let started = std::time::Instant::now();
     let had = store.info(&h)?.map_or(0, |i| i.present);
-    // Windows of 16 MiB, each fetched in parallel units, in order, so progress is honest.
-    const WINDOW: u64 = 1024;
-    let mut g = 0;
-    while g < groups {
-        let w = g..(g + WINDOW).min(groups);
-        let deadline = Instant::now() + ctx.read_timeout;
-        let stopped = Err(GetError::Stopped);
-        ctx.rt
-            .block_on(f.unless_stopped(f.ensure(h, w.clone(), deadline, true), stopped))?;
-        if progress {
-            let got = store.info(&h)?.map_or(0, |i| i.present);
-            let secs = started.elapsed().as_secs_f64().max(0.001);
-            let peers = f.known(&h).len();
-            let done = got as f64 / size.max(1) as f64;
-            let bar = (done * 24.0) as usize;
-            let _ = write!(
-                err,
-                "\r[{}{}] {:5.1}%  {} / {} MiB  {:.1} MiB/s  {} peer{}   ",
-                "#".repeat(bar),
-                ".".repeat(24 - bar.min(24)),
-                100.0 * done,
-                got >> 20,
-                size >> 20,
-                (got - had.min(got)) as f64 / secs / 1048576.0,
-                peers,
-                if peers == 1 { "" } else { "s" }
-            );
+    let mut shown = std::time::Instant::now();
+    let mut show = |force: bool| {
+        if !progress || (!force && shown.elapsed() < Duration::from_millis(250)) {
+            return;
         }
-        g = w.end;
-    }
+        shown = std::time::Instant::now();
+        let got = store.info(&h).ok().flatten().map_or(0, |i| i.present);
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        let peers = f.known(&h).len();
+        let done = got as f64 / size.max(1) as f64;
+        let bar = (done * 24.0) as usize;
+        let _ = write!(
+            err,
+            "\r[{}{}] {:5.1}%  {} / {} MiB  {:.1} MiB/s  {} peer{}   ",
+            "#".repeat(bar),
+            ".".repeat(24 - bar.min(24)),
+            100.0 * done,
+            got >> 20,
+            size >> 20,
+            (got - had.min(got)) as f64 / secs / 1048576.0,
+            peers,
+            if peers == 1 { "" } else { "s" }
+        );
+    };
+    let stopped = Err(GetError::Stopped);
+    ctx.rt
+        .block_on(f.unless_stopped(f.fill(h, size, ctx.read_timeout, &mut || show(false)), stopped))?;
+    show(true);
     // Durable and complete (and announced) before `get` says it is done.
     store.sync_partial(&h)?;
     if progress {
@@ -574,6 +630,7 @@ pub fn fetch_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+    const U0: Range<u64> = 0..UNIT;
 
     async fn fetcher() -> (tempfile::TempDir, Arc<Fetcher>) {
         let dir = tempfile::tempdir().unwrap();
@@ -639,12 +696,12 @@ mod tests {
             let _a = f.slot(p1, &never).await;
             let _b = f.slot(p1, &never).await;
             let _c = f.slot(p2, &never).await;
-            assert_eq!(f.pick(&h, &[]), Some(p3));
+            assert_eq!(f.pick(&h, &[], &U0), Some(p3));
             f.record(p3, &Err(FetchError::Unreachable(p3, "refused".into())));
             assert_eq!(f.set_aside(), vec![p3]);
-            assert_eq!(f.pick(&h, &[]), Some(p2));
-            assert_eq!(f.pick(&h, &[p2]), Some(p1));
-            assert_eq!(f.pick(&h, &[p1, p2]), None);
+            assert_eq!(f.pick(&h, &[], &U0), Some(p2));
+            assert_eq!(f.pick(&h, &[p2], &U0), Some(p1));
+            assert_eq!(f.pick(&h, &[p1, p2], &U0), None);
             // Reaching it again clears the backoff.
             f.record(p3, &Err(FetchError::NotFound(p3)));
             assert!(f.set_aside().is_empty());

@@ -26,7 +26,9 @@ pub mod names;
 pub mod net;
 pub mod protocol;
 pub mod store;
+pub mod swarm;
 pub mod tree;
+pub mod upload;
 
 pub use hash::Hash;
 pub use store::Store;

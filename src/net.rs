@@ -28,17 +28,24 @@ use libp2p::{identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamP
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+mod session;
+
+pub use session::Holding;
+
 use crate::hash::Hash;
 use crate::protocol::{self, Request, ResponseHead, Status};
 use crate::store::{Store, StoreError, Written};
+use crate::swarm::Swarms;
 use crate::tree::Tree;
+use crate::upload::Uploads;
 
 /// The Kademlia protocol name: our own DHT, apart from IPFS's.
 pub const KAD_PROTOCOL: &str = "/swarmfs/kad/1.0.0";
 /// The default TCP port; `--listen` overrides it.
 pub const DEFAULT_PORT: u16 = 4701;
-/// Requests a peer may have in flight with us before it is told "busy".
-const MAX_REQUESTS_PER_PEER: usize = 8;
+/// Streams a peer may have open with us at once (requests in flight and swarm streams)
+/// before it is told "busy". The fetcher's window per peer stays below it.
+const MAX_REQUESTS_PER_PEER: usize = 64;
 /// How long opening a stream (and dialing the peer, if need be) may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one blob request may take.
@@ -48,7 +55,7 @@ const STREAM_IDLE: Duration = Duration::from_secs(60);
 /// The fetcher keeps an idle stream at most this long before it drops it.
 const POOL_IDLE: Duration = Duration::from_secs(30);
 /// Idle streams kept per peer.
-const POOL_PER_PEER: usize = MAX_REQUESTS_PER_PEER / 2;
+const POOL_PER_PEER: usize = 16;
 /// Bytes handed between a stream and the store at a time.
 const CHUNK: usize = 128 * 1024;
 /// Chunk buffers kept for reuse (fresh large buffers cost page faults).
@@ -71,6 +78,10 @@ pub struct NetOptions {
     pub mdns: bool,
     /// Tests only: corrupt one byte of every response body (see the malicious-peer test).
     pub corrupt_responses: bool,
+    /// Tests only: claim every group of every blob in have-maps (see the lying-peer test).
+    pub lie_have: bool,
+    /// Tests only: answer swarm joins as a node from before them does (status 3).
+    pub refuse_join: bool,
 }
 
 /// What `status` shows about the node.
@@ -96,6 +107,10 @@ enum Cmd {
     /// The providers found so far, and whether the lookup has ended.
     Providers(Hash, watch::Sender<(HashSet<PeerId>, bool)>),
     Info(oneshot::Sender<(Vec<Multiaddr>, Vec<PeerId>)>),
+    /// The listen addresses each of these peers told us (identify).
+    Addrs(Vec<PeerId>, oneshot::Sender<HashMap<PeerId, Vec<Multiaddr>>>),
+    /// Learn addresses for a peer and dial it (peer exchange).
+    Dial(PeerId, Vec<Multiaddr>),
     Ban(PeerId),
     Stop,
 }
@@ -112,6 +127,14 @@ pub struct Net {
     /// Open blob streams not in use, per peer, with when each went idle.
     pool: Arc<Mutex<HashMap<PeerId, Vec<Pooled>>>>,
     bufs: Buffers,
+    /// Blob swarms: members, have-maps, traffic per peer.
+    pub swarms: Arc<Swarms>,
+    /// Blobs announced in the DHT since the start (a partial blob is announced once).
+    announced: Arc<Mutex<HashSet<Hash>>>,
+    /// Upload slots, shared round-robin between the peers that ask.
+    uploads: Arc<Uploads>,
+    pub(crate) lie_have: bool,
+    refuse_join: bool,
 }
 
 /// Spare chunk buffers, shared by the stream tasks and the store threads.
@@ -175,6 +198,10 @@ pub enum FetchError {
 #[derive(Debug, Clone)]
 pub struct Fetched {
     pub size: u64,
+    /// From sending the request to reading the response's head.
+    pub latency: Duration,
+    /// Body bytes received.
+    pub bytes: u64,
     /// The groups the peer sent (verified and stored).
     pub ranges: Vec<Range<u64>>,
     /// Every group of the blob is now present locally (it is marked complete, and
@@ -299,6 +326,11 @@ impl Net {
             banned: Arc::new(Mutex::new(HashSet::new())),
             pool: Arc::default(),
             bufs: Buffers::default(),
+            swarms: Arc::default(),
+            announced: Arc::default(),
+            uploads: Arc::new(Uploads::new(crate::upload::SLOTS)),
+            lie_have: opts.lie_have,
+            refuse_join: opts.refuse_join,
         };
         tokio::spawn(event_loop(swarm, rx, net.banned.clone()));
         // Every blob that becomes complete is announced: added, written, or fetched (so
@@ -447,7 +479,18 @@ impl Net {
         loop {
             let req = match tokio::time::timeout(STREAM_IDLE, read_request(&mut stream)).await {
                 Err(_) | Ok(Ok(None)) => return stream.close().await,
-                Ok(Ok(Some(r))) => r,
+                Ok(Ok(Some(protocol::Incoming::Get(r)))) => r,
+                Ok(Ok(Some(protocol::Incoming::Join(h)))) => {
+                    if self.refuse_join {
+                        stream.write_all(&refuse(Status::BadRequest)?).await?;
+                        return stream.close().await;
+                    }
+                    if busy {
+                        stream.write_all(&refuse(Status::Busy)?).await?;
+                        return stream.close().await;
+                    }
+                    return self.accept_join(peer, h, stream).await;
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, "malformed request: {e}");
                     stream.write_all(&refuse(Status::BadRequest)?).await?;
@@ -473,8 +516,10 @@ impl Net {
         req: Request,
         corrupt: bool,
     ) -> io::Result<()> {
+        // A partial blob is served once its size verified (its last group did): groups
+        // verified under a wrong size would be sent with that size.
         let (size, present) = match (self.store.info(&req.hash), self.store.present_groups(&req.hash)) {
-            (Ok(Some(info)), Ok(p)) => (info.size, p),
+            (Ok(Some(info)), Ok(p)) if info.size_verified => (info.size, p),
             _ => return stream.write_all(&refuse(Status::NotFound)?).await,
         };
         // Serve what we hold of what was asked, clamped to the blob.
@@ -488,6 +533,12 @@ impl Net {
             status: Status::Ok,
             size,
             ranges: served.clone(),
+        };
+        // The body waits for an upload slot; slots go round-robin between the peers waiting.
+        let _slot = if served.is_empty() {
+            None
+        } else {
+            Some(self.uploads.acquire(peer).await)
         };
         stream.write_all(&head.encode().map_err(io::Error::other)?).await?;
         // The store encodes (and re-verifies) on a blocking thread; chunks cross a channel.
@@ -510,6 +561,7 @@ impl Net {
             }
             stream.write_all(&chunk).await?;
             self.counters.sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            self.swarms.sent(hash, peer, chunk.len() as u64);
             self.bufs.put(chunk);
         }
         match enc.await {
@@ -592,9 +644,11 @@ impl Net {
     /// One request on one stream.
     async fn request(&self, peer: PeerId, h: Hash, mut stream: libp2p::Stream, req: &[u8]) -> Result<Fetched, Attempt> {
         let transfer = |source| Attempt::Failed(FetchError::Transfer { peer, source });
+        let sent_at = std::time::Instant::now();
         stream.write_all(req).await.map_err(Attempt::Early)?;
         stream.flush().await.map_err(Attempt::Early)?;
         let head = read_head(&mut stream).await.map_err(Attempt::Early)?;
+        let latency = sent_at.elapsed();
         match head.status {
             Status::Ok => {}
             Status::NotFound => {
@@ -641,6 +695,7 @@ impl Net {
                 }
             }
             self.counters.received.fetch_add(got as u64, Ordering::Relaxed);
+            self.swarms.received(h, peer, got as u64);
             left -= got as u64;
             buf.truncate(got);
             if got > 0 && tx.send(buf).await.is_err() {
@@ -665,8 +720,11 @@ impl Net {
                     return Err(transfer(e));
                 }
                 self.put_back(peer, stream);
+                self.got_groups(h, &head.ranges);
                 Ok(Fetched {
                     size: head.size,
+                    latency,
+                    bytes: body_len,
                     ranges: head.ranges,
                     complete: written == Written::AllPresent,
                 })
@@ -684,7 +742,7 @@ impl Net {
 }
 
 /// The next request on a stream, or `None` if the peer closed it instead.
-async fn read_request(s: &mut libp2p::Stream) -> Result<Option<Request>, protocol::ProtocolError> {
+async fn read_request(s: &mut libp2p::Stream) -> Result<Option<protocol::Incoming>, protocol::ProtocolError> {
     let mut head = [0u8; 35];
     if s.read(&mut head[..1]).await? == 0 {
         return Ok(None);
@@ -698,7 +756,7 @@ async fn read_request(s: &mut libp2p::Stream) -> Result<Option<Request>, protoco
     s.read_exact(&mut rest).await?;
     let mut all = head.to_vec();
     all.extend_from_slice(&rest);
-    Request::read(&mut &all[..]).map(Some)
+    protocol::read_incoming(&mut &all[..]).map(Some)
 }
 
 /// The encoded response head that refuses a request with `s`.
@@ -788,6 +846,8 @@ impl Read for ChannelReader {
 async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, banned: Arc<Mutex<HashSet<PeerId>>>) {
     let mut pending: HashMap<kad::QueryId, watch::Sender<(HashSet<PeerId>, bool)>> = HashMap::new();
     let mut listen: Vec<Multiaddr> = Vec::new();
+    // What each peer said it listens on (identify), for peer exchange.
+    let mut addrs: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
     let mut bootstrapped = false;
     loop {
         tokio::select! {
@@ -803,6 +863,20 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
                 }
                 Some(Cmd::Info(tx)) => {
                     let _ = tx.send((listen.clone(), swarm.connected_peers().copied().collect()));
+                }
+                Some(Cmd::Addrs(peers, tx)) => {
+                    let _ = tx.send(peers.iter().filter_map(|p| Some((*p, addrs.get(p)?.clone()))).collect());
+                }
+                Some(Cmd::Dial(p, list)) => {
+                    for a in &list {
+                        swarm.behaviour_mut().kad.add_address(&p, a.clone());
+                    }
+                    if !swarm.is_connected(&p) {
+                        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(p).addresses(list).build();
+                        if let Err(e) = swarm.dial(opts) {
+                            tracing::debug!(peer = %p, "cannot dial a peer from peer exchange: {e}");
+                        }
+                    }
                 }
                 Some(Cmd::Ban(p)) => {
                     let _ = swarm.disconnect_peer_id(p);
@@ -833,9 +907,15 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
                     tracing::debug!(peer = %peer_id, remaining = num_established, "connection closed: {cause:?}");
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                    for a in info.listen_addrs {
-                        swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                    for a in &info.listen_addrs {
+                        swarm.behaviour_mut().kad.add_address(&peer_id, a.clone());
                     }
+                    if addrs.len() > 10_000 {
+                        addrs.clear();
+                    }
+                    let mut list = info.listen_addrs;
+                    list.truncate(protocol::MAX_PEX_ADDRS);
+                    addrs.insert(peer_id, list);
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                     for (p, a) in found {

@@ -18,6 +18,10 @@ struct Node {
 }
 
 async fn node(bootstrap: &[&str], corrupt: bool) -> Node {
+    node_with(bootstrap, corrupt, false).await
+}
+
+async fn node_with(bootstrap: &[&str], corrupt: bool, refuse_join: bool) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path(), Options::default()).unwrap());
     let key = swarmfs::net::load_identity(dir.path()).unwrap();
@@ -26,6 +30,8 @@ async fn node(bootstrap: &[&str], corrupt: bool) -> Node {
         bootstrap: bootstrap.iter().map(|a| a.parse().unwrap()).collect(),
         mdns: false,
         corrupt_responses: corrupt,
+        lie_have: false,
+        refuse_join,
     };
     let net = Net::start(store.clone(), key, opts).await.unwrap();
     let mut addr = None;
@@ -217,4 +223,60 @@ async fn a_node_that_holds_a_blob_still_finds_the_other_providers() {
     assert_eq!(found, vec![a.net.peer_id()]);
     let all = b.net.all_providers(h, Duration::from_secs(5)).await;
     assert_eq!(all, vec![a.net.peer_id()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_holder_announces_itself_and_serves_what_it_holds() {
+    let a = node(&[], false).await;
+    let bytes = data((4 << 20) + 9, 66);
+    let (h, _) = a.store.import_reader(&bytes[..], true).unwrap();
+    a.net.provide(h).await;
+    // B fetches the first half (and the last group, which verifies the size) from A.
+    let b = node(&[&a.addr], false).await;
+    let groups = Tree::new(bytes.len() as u64).groups();
+    b.net.fetch(a.net.peer_id(), h, vec![groups - 1..groups]).await.unwrap();
+    b.net.fetch(a.net.peer_id(), h, vec![0..128]).await.unwrap();
+    assert!(!b.store.info(&h).unwrap().unwrap().complete);
+    // C finds B in the DHT although B is not complete, and B serves the half it holds.
+    let c = node(&[&a.addr], false).await;
+    let mut found = Vec::new();
+    for _ in 0..100 {
+        found = c.net.all_providers(h, Duration::from_secs(5)).await;
+        if found.contains(&b.net.peer_id()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(found.contains(&b.net.peer_id()), "B was not announced: {found:?}");
+    let got = c.net.fetch(b.net.peer_id(), h, vec![0..128]).await.unwrap();
+    assert_eq!(got.ranges, vec![0..128]);
+    let part = c.net.fetch(b.net.peer_id(), h, vec![120..200]).await.unwrap();
+    assert_eq!(part.ranges, vec![120..128], "B answers with the part it holds");
+    // What B holds, as `swarmfs providers` asks it.
+    let held = c.net.holding(b.net.peer_id(), h).await.unwrap();
+    assert_eq!((held.groups, held.groups_held), (groups, 129));
+    let whole = c.net.holding(a.net.peer_id(), h).await.unwrap();
+    assert_eq!(whole.groups_held, groups);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_completes_from_a_peer_that_speaks_only_the_old_requests() {
+    // The old peer answers JOIN with "bad request", as nodes from before swarm streams do.
+    let old = node_with(&[], false, true).await;
+    let bytes = data((3 << 20) + 1, 67);
+    let (h, _) = old.store.import_reader(&bytes[..], true).unwrap();
+    old.net.provide(h).await;
+    let c = node(&[&old.addr], false).await;
+    assert!(c.net.holding(old.net.peer_id(), h).await.is_err());
+    let f = swarmfs::fetch::Fetcher::new(c.net.clone(), c.store.clone());
+    let size = f.size(h, Duration::from_secs(20)).await.expect("the old peer has it");
+    let mut units = 0;
+    f.fill(h, size, Duration::from_secs(30), &mut || units += 1)
+        .await
+        .unwrap();
+    assert!(units > 0);
+    c.store.sync_partial(&h).unwrap();
+    let mut out = Vec::new();
+    c.store.cat(&h, &mut out).unwrap();
+    assert!(out == bytes);
 }

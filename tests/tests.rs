@@ -10,3 +10,4 @@ mod e2e;
 mod mount;
 mod net;
 mod store;
+mod swarm;

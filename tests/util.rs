@@ -300,3 +300,53 @@ pub fn sh(script: &str) -> String {
     c.arg("-c").arg(script);
     ok(c)
 }
+
+/// A daemon (no mount) inside a network namespace, stopped when dropped; its log is kept
+/// beside its data directory (`DATA.log`).
+pub struct NsDaemon(pub std::process::Child);
+
+impl NsDaemon {
+    /// SIGKILL, as a crash or a pulled plug would end it.
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for NsDaemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-INT").arg(self.0.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `swarmfs daemon` in namespace `ns`, listening on `ip` (port 0), with `extra` options.
+pub fn ns_daemon(ns: &str, data: &Path, ip: &str, extra: &[&str]) -> NsDaemon {
+    let _ = std::fs::remove_file(data.join("control.sock"));
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(env!("CARGO_BIN_EXE_swarmfs"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(["daemon", "--listen", &format!("/ip4/{ip}/tcp/0")])
+        .args(extra)
+        .env("RUST_LOG", "swarmfs=debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(data.with_extension("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !data.join("control.sock").exists() {
+        assert!(Instant::now() < deadline, "the daemon in {ns} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    NsDaemon(child)
+}
