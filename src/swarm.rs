@@ -131,7 +131,8 @@ impl Swarms {
         self.version.load(Ordering::Relaxed)
     }
 
-    /// True if a join with `p` for `h` was tried in the last `within`; else records one now.
+    /// True if a join with `p` for `h` should be tried now (it is not a member, and no join
+    /// was tried in the last `within`); the try is recorded.
     pub fn should_try(&self, h: Hash, p: PeerId, within: std::time::Duration) -> bool {
         if self.is_member(&h, &p) {
             return false;

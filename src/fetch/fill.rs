@@ -12,7 +12,9 @@
 //!   old node, may be asked for anything);
 //! - *endgame*: once every missing unit is asked of someone, idle peers are asked for units
 //!   already in flight elsewhere (at most `ENDGAME_COPIES` askers per unit); the first answer
-//!   wins and the other requests are dropped.
+//!   wins and the other requests are dropped. Only peers still fetching are asked for these
+//!   copies, never a peer that holds the whole blob: a seeder's upload is what a crowd is
+//!   short of, and a duplicate from it delays everyone's unique units.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
@@ -176,7 +178,7 @@ impl Fetcher {
                     let u = match choice {
                         Some(i) => idle.swap_remove(i),
                         // Endgame: nothing left that nobody is asked for.
-                        None if idle.is_empty() => {
+                        None if idle.is_empty() && !self.net.swarms.is_complete(&h, &p) => {
                             let Some(u) = asked
                                 .iter()
                                 .filter(|(u, who)| {
