@@ -57,9 +57,8 @@ struct PeerState {
     failures: u32,
     /// The shortest time a request took to its response's head: the round trip.
     rtt: Option<Duration>,
-    /// Bytes per second received from it, decaying over about a second.
-    rate: f64,
-    rate_at: Option<Instant>,
+    /// Bytes per second received from it, over about the last second.
+    rate: crate::swarm::Rate<1000>,
     /// Requests allowed in flight.
     window: usize,
 }
@@ -76,15 +75,10 @@ impl PeerState {
     /// A request brought `bytes` after `latency` to its head: update the round trip, the
     /// rate and the window (twice the bandwidth-delay product in units, plus two).
     fn measured(&mut self, bytes: u64, latency: Duration) {
-        let now = Instant::now();
+        let now = std::time::Instant::now();
         self.rtt = Some(self.rtt.map_or(latency, |r| r.min(latency)));
-        const TAU: f64 = 1.0;
-        let decayed = self
-            .rate_at
-            .map_or(0.0, |t| self.rate * (-(now - t).as_secs_f64() / TAU).exp());
-        self.rate = decayed + bytes as f64 / TAU;
-        self.rate_at = Some(now);
-        let bdp = self.rate * self.rtt.unwrap_or_default().as_secs_f64();
+        self.rate.add(bytes, now);
+        let bdp = self.rate.get(now) * self.rtt.unwrap_or_default().as_secs_f64();
         let unit_bytes = (UNIT * crate::tree::GROUP_SIZE) as f64;
         self.window = ((2.0 * bdp / unit_bytes).ceil() as usize + 2).clamp(PER_PEER, MAX_PER_PEER);
     }
@@ -288,14 +282,12 @@ impl Fetcher {
                 st.down_until = Some(Instant::now() + wait);
                 tracing::debug!("{e}; set aside for {wait:?}");
             }
-            Ok(f) => {
+            other => {
                 st.failures = 0;
                 st.down_until = None;
-                st.measured(f.bytes, f.latency);
-            }
-            _ => {
-                st.failures = 0;
-                st.down_until = None;
+                if let Ok(f) = other {
+                    st.measured(f.bytes, f.latency);
+                }
             }
         }
     }
@@ -682,6 +674,32 @@ mod tests {
         }
         assert_eq!(*order.lock().unwrap(), ["promoted", "urgent", "ahead"]);
         assert_eq!(busy(&f, &p), 0);
+    }
+
+    #[test]
+    fn the_window_follows_bandwidth_times_round_trip() {
+        let unit = UNIT * crate::tree::GROUP_SIZE;
+        // Fast and near (loopback): the floor.
+        let mut near = PeerState::default();
+        assert_eq!(near.window(), PER_PEER);
+        near.measured(unit, Duration::from_micros(500));
+        assert_eq!(near.window(), PER_PEER);
+        // 40 units a second at 50 ms: 2 units in flight carry it, twice that plus 2 is asked.
+        let mut far = PeerState::default();
+        for _ in 0..40 {
+            far.measured(unit, Duration::from_millis(50));
+        }
+        let w = far.window();
+        assert!(w > PER_PEER && w < MAX_PER_PEER, "{w}");
+        // The shortest round trip counts: a slow answer does not shrink the pipe estimate.
+        far.measured(unit, Duration::from_millis(400));
+        assert!(far.window() >= w);
+        // Never more than the cap, however long the path.
+        let mut huge = PeerState::default();
+        for _ in 0..1000 {
+            huge.measured(unit, Duration::from_secs(2));
+        }
+        assert_eq!(huge.window(), MAX_PER_PEER);
     }
 
     #[test]

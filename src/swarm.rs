@@ -26,8 +26,8 @@ use crate::store::Present;
 
 /// Most members of one blob's swarm (streams opened or accepted).
 pub const MAX_MEMBERS: usize = 32;
-/// How fast the per-transfer rates forget, in seconds.
-const RATE_TAU: f64 = 2.0;
+/// How fast the per-transfer rates forget, in milliseconds.
+const RATE_TAU_MS: u64 = 2000;
 
 /// One member of a blob's swarm.
 struct Member {
@@ -52,26 +52,30 @@ struct Blob {
 struct Flow {
     received: u64,
     sent: u64,
-    down: Rate,
-    up: Rate,
+    down: Rate<RATE_TAU_MS>,
+    up: Rate<RATE_TAU_MS>,
 }
 
-/// A rate that decays exponentially: bytes per second over roughly the last `RATE_TAU`.
-#[derive(Default, Clone, Copy)]
-struct Rate {
+/// A rate that decays exponentially: bytes per second over roughly the last `TAU_MS`.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct Rate<const TAU_MS: u64> {
     value: f64,
     at: Option<Instant>,
 }
 
-impl Rate {
-    fn add(&mut self, bytes: u64, now: Instant) {
-        self.value = self.get(now) + bytes as f64 / RATE_TAU;
+impl<const TAU_MS: u64> Rate<TAU_MS> {
+    const TAU: f64 = TAU_MS as f64 / 1000.0;
+
+    /// Counts `bytes` arriving at `now`.
+    pub fn add(&mut self, bytes: u64, now: Instant) {
+        self.value = self.get(now) + bytes as f64 / Self::TAU;
         self.at = Some(now);
     }
 
-    fn get(&self, now: Instant) -> f64 {
+    /// Bytes per second as of `now`.
+    pub fn get(&self, now: Instant) -> f64 {
         match self.at {
-            Some(t) => self.value * (-(now - t).as_secs_f64() / RATE_TAU).exp(),
+            Some(t) => self.value * (-now.saturating_duration_since(t).as_secs_f64() / Self::TAU).exp(),
             None => 0.0,
         }
     }
@@ -424,7 +428,7 @@ mod tests {
         let tr = s.transfers();
         assert_eq!(tr.len(), 1);
         assert!(tr[0].peers[0].down_rate > 0);
-        let mut r = Rate::default();
+        let mut r = Rate::<RATE_TAU_MS>::default();
         let t0 = Instant::now();
         r.add(1000, t0);
         assert!(r.get(t0 + std::time::Duration::from_secs(20)) < 1.0);

@@ -50,6 +50,20 @@ async fn node_with(bootstrap: &[&str], corrupt: bool, refuse_join: bool) -> Node
     }
 }
 
+/// Asks the DHT for providers of `h` until `p` is among them (at most about 10 s); returns
+/// the last answer.
+async fn until_found(node: &Node, h: Hash, p: libp2p::PeerId) -> Vec<libp2p::PeerId> {
+    let mut found = Vec::new();
+    for _ in 0..100 {
+        found = node.net.all_providers(h, Duration::from_secs(5)).await;
+        if found.contains(&p) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    found
+}
+
 /// Fetches a whole blob from `peer`: the first group tells the size, then the rest; then
 /// makes it durable (the network path leaves the fsync to a background task).
 async fn fetch_all(node: &Node, peer: libp2p::PeerId, h: Hash) -> Result<(), FetchError> {
@@ -76,14 +90,7 @@ async fn a_blob_is_found_through_the_dht_and_fetched_verified() {
     let c = node(&[&b.addr], false).await;
 
     // C knows only B; the DHT must lead it to A.
-    let mut providers = Vec::new();
-    for _ in 0..50 {
-        providers = c.net.providers(h, Duration::from_secs(5)).await;
-        if providers.contains(&a.net.peer_id()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let providers = until_found(&c, h, a.net.peer_id()).await;
     assert!(providers.contains(&a.net.peer_id()), "A not found: {providers:?}");
     fetch_all(&c, a.net.peer_id(), h).await.unwrap();
     let info = c.store.info(&h).unwrap().unwrap();
@@ -239,14 +246,7 @@ async fn a_partial_holder_announces_itself_and_serves_what_it_holds() {
     assert!(!b.store.info(&h).unwrap().unwrap().complete);
     // C finds B in the DHT although B is not complete, and B serves the half it holds.
     let c = node(&[&a.addr], false).await;
-    let mut found = Vec::new();
-    for _ in 0..100 {
-        found = c.net.all_providers(h, Duration::from_secs(5)).await;
-        if found.contains(&b.net.peer_id()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let found = until_found(&c, h, b.net.peer_id()).await;
     assert!(found.contains(&b.net.peer_id()), "B was not announced: {found:?}");
     let got = c.net.fetch(b.net.peer_id(), h, vec![0..128]).await.unwrap();
     assert_eq!(got.ranges, vec![0..128]);
