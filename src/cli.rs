@@ -295,6 +295,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 corrupt_responses: opts.test_corrupt_responses,
                 lie_have: opts.test_lie_have,
                 refuse_join: opts.test_refuse_join,
+                lie_fetching: false,
             },
         })?;
         Ok(ExitCode::SUCCESS)
@@ -335,6 +336,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 corrupt_responses: false,
                 lie_have: false,
                 refuse_join: false,
+                lie_fetching: false,
             };
             let key = crate::net::load_identity(&dir)?;
             let node = rt.block_on(crate::net::Net::start(store.clone(), key, opts))?;

@@ -82,6 +82,9 @@ pub struct NetOptions {
     pub lie_have: bool,
     /// Tests only: answer swarm joins as a node from before them does (status 3).
     pub refuse_join: bool,
+    /// Tests only: claim, every second on every swarm stream, to be fetching every group
+    /// (see the test of lapsing hints).
+    pub lie_fetching: bool,
 }
 
 /// What `status` shows about the node.
@@ -135,6 +138,7 @@ pub struct Net {
     uploads: Arc<Uploads>,
     pub(crate) lie_have: bool,
     refuse_join: bool,
+    pub(crate) lie_fetching: bool,
 }
 
 /// Spare chunk buffers, shared by the stream tasks and the store threads.
@@ -331,6 +335,7 @@ impl Net {
             uploads: Arc::new(Uploads::new(crate::upload::SLOTS)),
             lie_have: opts.lie_have,
             refuse_join: opts.refuse_join,
+            lie_fetching: opts.lie_fetching,
         };
         tokio::spawn(event_loop(swarm, rx, net.banned.clone()));
         // Every blob that becomes complete is announced: added, written, or fetched (so

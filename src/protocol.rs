@@ -71,12 +71,16 @@ pub enum SwarmMsg {
     Peers(Vec<(Vec<u8>, Vec<Vec<u8>>)>),
     /// Groups the sender no longer holds (dropped as corrupt, or evicted).
     Lost(Vec<Range<u64>>),
+    /// Groups the sender has just asked some peer for: a hint that it will hold them soon,
+    /// so that others fetch different groups from a seeder and take these from the sender.
+    Fetching(Vec<Range<u64>>),
 }
 
 const MSG_HAVE: u8 = 1;
 const MSG_SYNCED: u8 = 2;
 const MSG_PEERS: u8 = 3;
 const MSG_LOST: u8 = 4;
+const MSG_FETCHING: u8 = 5;
 
 /// How a node answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,12 +240,12 @@ impl SwarmMsg {
     pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
         let mut out = Vec::new();
         match self {
-            SwarmMsg::Have(r) | SwarmMsg::Lost(r) => {
+            SwarmMsg::Have(r) | SwarmMsg::Lost(r) | SwarmMsg::Fetching(r) => {
                 check_ranges(r, false)?;
-                out.push(if matches!(self, SwarmMsg::Have(_)) {
-                    MSG_HAVE
-                } else {
-                    MSG_LOST
+                out.push(match self {
+                    SwarmMsg::Have(_) => MSG_HAVE,
+                    SwarmMsg::Lost(_) => MSG_LOST,
+                    _ => MSG_FETCHING,
                 });
                 put_ranges(&mut out, r);
             }
@@ -272,13 +276,13 @@ impl SwarmMsg {
         let mut tag = [0u8; 1];
         r.read_exact(&mut tag)?;
         match tag[0] {
-            MSG_HAVE | MSG_LOST => {
+            MSG_HAVE | MSG_LOST | MSG_FETCHING => {
                 let ranges = get_ranges(r)?;
                 check_ranges(&ranges, false)?;
-                Ok(if tag[0] == MSG_HAVE {
-                    SwarmMsg::Have(ranges)
-                } else {
-                    SwarmMsg::Lost(ranges)
+                Ok(match tag[0] {
+                    MSG_HAVE => SwarmMsg::Have(ranges),
+                    MSG_LOST => SwarmMsg::Lost(ranges),
+                    _ => SwarmMsg::Fetching(ranges),
                 })
             }
             MSG_SYNCED => Ok(SwarmMsg::Synced),
@@ -484,6 +488,10 @@ mod tests {
             (
                 SwarmMsg::Lost(vec![5..6]),
                 concat!("04", "0100", "0500000000000000", "0600000000000000").into(), // LOST 5..6
+            ),
+            (
+                SwarmMsg::Fetching(vec![64..80]),
+                concat!("05", "0100", "4000000000000000", "5000000000000000").into(), // FETCHING 64..80
             ),
         ];
         for (msg, want) in cases {

@@ -28,6 +28,10 @@ use crate::store::Present;
 pub const MAX_MEMBERS: usize = 32;
 /// How fast the per-transfer rates forget, in milliseconds.
 const RATE_TAU_MS: u64 = 2000;
+/// How long a member's FETCHING hint counts, unless a HAVE settles it sooner.
+const FETCHING_FOR: std::time::Duration = std::time::Duration::from_secs(8);
+/// Most FETCHING hints kept per member (the oldest go first).
+const MAX_FETCHING: usize = 4096;
 
 /// One member of a blob's swarm.
 struct Member {
@@ -35,6 +39,11 @@ struct Member {
     have: Present,
     /// True once it sent its whole map (SYNCED).
     synced: bool,
+    /// Runs it said it is fetching (FETCHING), and when; settled by HAVE or LOST, or lapsed.
+    fetching: std::collections::VecDeque<(Range<u64>, Instant)>,
+    /// True once a hint of its lapsed unsettled: its hints are ignored from then on, so that
+    /// a member cannot keep others off a seeder by claiming to fetch what it never delivers.
+    hints_lapsed: bool,
     /// Messages for it (the stream's writer drains this).
     tx: mpsc::UnboundedSender<SwarmMsg>,
     /// Which stream this is, so that a closed older stream does not remove a newer one.
@@ -171,6 +180,8 @@ impl Swarms {
                 Member {
                     have: Present::new(groups),
                     synced: false,
+                    fetching: Default::default(),
+                    hints_lapsed: false,
                     tx,
                     session,
                 },
@@ -203,8 +214,25 @@ impl Swarms {
                 return;
             };
             match msg {
-                SwarmMsg::Have(rs) => rs.iter().for_each(|r| m.have.insert(r.clone())),
-                SwarmMsg::Lost(rs) => rs.iter().flat_map(|r| r.clone()).for_each(|g| m.have.remove(g)),
+                SwarmMsg::Have(rs) => {
+                    rs.iter().for_each(|r| m.have.insert(r.clone()));
+                    let have = &m.have;
+                    m.fetching.retain(|(r, _)| !have.missing(r.clone()).is_empty());
+                }
+                SwarmMsg::Fetching(_) if m.hints_lapsed => return,
+                SwarmMsg::Fetching(rs) => {
+                    let now = Instant::now();
+                    m.fetching.extend(rs.iter().map(|r| (r.clone(), now)));
+                    while m.fetching.len() > MAX_FETCHING {
+                        m.fetching.pop_front();
+                    }
+                }
+                SwarmMsg::Lost(rs) => {
+                    rs.iter().flat_map(|r| r.clone()).for_each(|g| m.have.remove(g));
+                    // It is not fetching them any more either (its request failed).
+                    m.fetching
+                        .retain(|(f, _)| !rs.iter().any(|r| r.start < f.end && f.start < r.end));
+                }
                 SwarmMsg::Synced => m.synced = true,
                 SwarmMsg::Peers(_) => return,
             }
@@ -270,6 +298,24 @@ impl Swarms {
             .get(h)
             .map(|b| b.members.iter().map(|(p, m)| (*p, m.have.clone())).collect())
             .unwrap_or_default()
+    }
+
+    /// Runs that members said they are fetching, lately and not yet settled by a HAVE: they
+    /// will soon be held there, so a seeder's upload is better spent on other groups.
+    pub fn fetching(&self, h: &Hash) -> Vec<Range<u64>> {
+        let now = Instant::now();
+        let mut blobs = lock(&self.blobs);
+        let Some(b) = blobs.get_mut(h) else { return Vec::new() };
+        let mut out = Vec::new();
+        for (p, m) in b.members.iter_mut() {
+            if m.fetching.front().is_some_and(|(_, t)| now - *t > FETCHING_FOR) {
+                tracing::debug!(%p, "a FETCHING hint for {h} lapsed: its hints are ignored from now on");
+                m.fetching.clear();
+                m.hints_lapsed = true;
+            }
+            out.extend(m.fetching.iter().map(|(r, _)| r.clone()));
+        }
+        out
     }
 
     /// True if `p` told us (with SYNCED, or by its HAVEs) that it holds every group of `h`.
@@ -389,7 +435,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn maps_grow_with_have_shrink_with_lost_and_are_corrected_by_what_was_served() {
+    fn maps_grow_with_have_shrink_with_lost_are_corrected_by_what_was_served_and_hints_settle() {
         let s = Swarms::default();
         let (h, p) = (Hash::of(b"x"), PeerId::random());
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -404,8 +450,17 @@ mod tests {
         assert_eq!(s.holds(&h, &p, &(16..20)), Some(true));
         assert_eq!(s.holds(&h, &p, &(20..21)), Some(false));
         assert!(s.transfers()[0].availability < 1.0);
+        // FETCHING hints count until a HAVE covers them.
+        s.update(&h, &p, &SwarmMsg::Fetching(vec![40..48, 60..64]));
+        assert_eq!(s.fetching(&h), vec![40..48, 60..64]);
+        s.update(&h, &p, &SwarmMsg::Have(vec![40..48]));
+        assert_eq!(s.fetching(&h), vec![60..64]);
+        s.update(&h, &p, &SwarmMsg::Fetching(vec![80..88]));
+        s.update(&h, &p, &SwarmMsg::Lost(vec![84..85]));
+        assert_eq!(s.fetching(&h), vec![60..64]);
         s.update(&h, &p, &SwarmMsg::Have(vec![0..100]));
         assert_eq!(s.transfers()[0].availability, 1.0);
+        assert!(s.fetching(&h).is_empty());
         s.broadcast(&h, SwarmMsg::Synced, None);
         assert_eq!(rx.try_recv().unwrap(), SwarmMsg::Synced);
         // An older stream's end does not remove a newer one.

@@ -18,10 +18,15 @@ struct Node {
 }
 
 async fn node(bootstrap: &[&str], corrupt: bool) -> Node {
-    node_with(bootstrap, corrupt, false).await
+    let switches = NetOptions {
+        corrupt_responses: corrupt,
+        ..Default::default()
+    };
+    node_with(bootstrap, switches).await
 }
 
-async fn node_with(bootstrap: &[&str], corrupt: bool, refuse_join: bool) -> Node {
+/// A node with the test switches of `switches` (its other fields are ignored).
+async fn node_with(bootstrap: &[&str], switches: NetOptions) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path(), Options::default()).unwrap());
     let key = swarmfs::net::load_identity(dir.path()).unwrap();
@@ -29,9 +34,7 @@ async fn node_with(bootstrap: &[&str], corrupt: bool, refuse_join: bool) -> Node
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
         bootstrap: bootstrap.iter().map(|a| a.parse().unwrap()).collect(),
         mdns: false,
-        corrupt_responses: corrupt,
-        lie_have: false,
-        refuse_join,
+        ..switches
     };
     let net = Net::start(store.clone(), key, opts).await.unwrap();
     let mut addr = None;
@@ -262,7 +265,11 @@ async fn a_partial_holder_announces_itself_and_serves_what_it_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_completes_from_a_peer_that_speaks_only_the_old_requests() {
     // The old peer answers JOIN with "bad request", as nodes from before swarm streams do.
-    let old = node_with(&[], false, true).await;
+    let switches = NetOptions {
+        refuse_join: true,
+        ..Default::default()
+    };
+    let old = node_with(&[], switches).await;
     let bytes = data((3 << 20) + 1, 67);
     let (h, _) = old.store.import_reader(&bytes[..], true).unwrap();
     old.net.provide(h).await;
@@ -279,4 +286,68 @@ async fn a_fill_completes_from_a_peer_that_speaks_only_the_old_requests() {
     let mut out = Vec::new();
     c.store.cat(&h, &mut out).unwrap();
     assert!(out == bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_claims_to_fetch_everything_keeps_nobody_off_the_seeder() {
+    // A seeds; B holds a part and, once a second, claims to be fetching every group.
+    let a = node(&[], false).await;
+    let bytes = data((4 << 20) + 5, 68);
+    let (h, _) = a.store.import_reader(&bytes[..], true).unwrap();
+    a.net.provide(h).await;
+    let switches = NetOptions {
+        lie_fetching: true,
+        ..Default::default()
+    };
+    let b = node_with(&[&a.addr], switches).await;
+    let groups = Tree::new(bytes.len() as u64).groups();
+    b.net.fetch(a.net.peer_id(), h, vec![groups - 1..groups]).await.unwrap();
+    b.net.fetch(a.net.peer_id(), h, vec![0..64]).await.unwrap();
+    // C fills from both. B's claims keep C off the seeder only until one of them lapses
+    // unsettled; from then on B's claims are ignored and C takes the rest from A.
+    let c = node(&[&a.addr], false).await;
+    until_found(&c, h, b.net.peer_id()).await;
+    let f = swarmfs::fetch::Fetcher::new(c.net.clone(), c.store.clone());
+    let size = f.size(h, Duration::from_secs(20)).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(40),
+        f.fill(h, size, Duration::from_secs(20), &mut || ()),
+    )
+    .await
+    .expect("the fill did not hang")
+    .expect("the fill completed");
+    c.store.sync_partial(&h).unwrap();
+    let mut out = Vec::new();
+    c.store.cat(&h, &mut out).unwrap();
+    assert!(out == bytes);
+    // B goes on claiming, and C goes on ignoring it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(c.net.swarms.is_member(&h, &b.net.peer_id()));
+    assert_eq!(c.net.swarms.fetching(&h), vec![], "B's claims still count");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leechers_that_start_at_once_still_join_each_other() {
+    let a = node(&[], false).await;
+    let bytes = data((2 << 20) + 3, 69);
+    let (h, _) = a.store.import_reader(&bytes[..], true).unwrap();
+    a.net.provide(h).await;
+    let b = node(&[&a.addr], false).await;
+    let c = node(&[&a.addr], false).await;
+    // C asks B to join before B knows anything of the blob: B answers "not found" ...
+    c.net.join(h, b.net.peer_id());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!c.net.swarms.is_member(&h, &b.net.peer_id()));
+    // ... then B learns the blob's size, as a leecher does first, and C joins it soon after.
+    let groups = Tree::new(bytes.len() as u64).groups();
+    b.net.fetch(a.net.peer_id(), h, vec![groups - 1..groups]).await.unwrap();
+    let mut joined = false;
+    for _ in 0..50 {
+        joined = c.net.swarms.is_member(&h, &b.net.peer_id());
+        if joined {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(joined, "C did not ask B again");
 }

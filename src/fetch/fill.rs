@@ -8,6 +8,9 @@
 //! - then *rarest first*: the unit held by the fewest members of the swarm (have-maps), ties
 //!   broken at random, so that leechers spread over different units and a seeder's upload is
 //!   spent on units nobody else has;
+//! - units that another member said it is fetching (FETCHING) count as held there, and are
+//!   not asked of a seeder: that member will pass them on, and the seeder's upload goes to
+//!   units nobody has yet; this fill tells the members what it asks for in the same way;
 //! - a peer is asked only for units its have-map shows (a peer that sent no map, such as an
 //!   old node, may be asked for anything);
 //! - *endgame*: once every missing unit is asked of someone, idle peers are asked for units
@@ -31,6 +34,7 @@ use tokio::time::Instant;
 use super::{Fetcher, GetError, Inflight, Slot, RANDOM_FIRST, UNIT};
 use crate::hash::Hash;
 use crate::net::FetchError;
+use crate::protocol::SwarmMsg;
 use crate::tree::Tree;
 
 /// Most peers asked for one unit at once in the endgame.
@@ -93,7 +97,8 @@ impl Fetcher {
         let mut got = 0usize;
         let mut last_progress = Instant::now();
         let mut last_lookup: Option<Instant> = None;
-        let mut counts: (u64, Vec<u32>) = (u64::MAX, Vec::new());
+        let mut counts: (u64, Vec<(u32, bool)>) = (u64::MAX, Vec::new());
+        let mut last_count = Instant::now();
         let release = |owned: &mut HashMap<u64, watch::Sender<bool>>, u: u64| {
             if let Some(tx) = owned.remove(&u) {
                 self.inflight.lock().unwrap_or_else(|e| e.into_inner()).remove(&(h, u));
@@ -121,12 +126,21 @@ impl Fetcher {
                     me.remember(h, &found);
                 });
             }
-            // How many members hold each unit, recounted when a have-map changed.
+            // How many members hold each unit or said they are fetching it, recounted when a
+            // have-map or hint changed.
+            // (Also every second, as hints lapse with age.)
             let version = self.net.swarms.version();
-            if counts.0 != version {
+            if counts.0 != version || last_count.elapsed() > Duration::from_secs(1) {
+                last_count = Instant::now();
                 let maps = self.net.swarms.maps(&h);
+                let fetching = self.net.swarms.fetching(&h);
                 let c = (0..units)
-                    .map(|u| maps.iter().filter(|(_, m)| m.missing(range(u)).is_empty()).count() as u32)
+                    .map(|u| {
+                        let r = range(u);
+                        let held = maps.iter().filter(|(_, m)| m.missing(r.clone()).is_empty()).count() as u32;
+                        let coming = fetching.iter().any(|f| f.start < r.end && r.start < f.end);
+                        (held + coming as u32, coming)
+                    })
                     .collect();
                 counts = (version, c);
             }
@@ -154,10 +168,18 @@ impl Fetcher {
             for i in (1..cands.len()).rev() {
                 cands.swap(i, (rng.next() % (i as u64 + 1)) as usize);
             }
+            // Units asked for in this round, to tell the members (FETCHING).
+            let mut hints: Vec<u64> = Vec::new();
             for p in cands {
+                // A peer that holds the whole blob (a seeder) is not asked for what another
+                // member is fetching already: that member will have it soon and can pass it
+                // on, and the seeder's upload goes to units nobody has yet.
+                let seeder = self.net.swarms.is_complete(&h, &p);
                 loop {
                     let may_hold = |u: u64| {
-                        !failed.contains_key(&(u, p)) && self.net.swarms.holds(&h, &p, &range(u)) != Some(false)
+                        !failed.contains_key(&(u, p))
+                            && self.net.swarms.holds(&h, &p, &range(u)) != Some(false)
+                            && !(seeder && counts.1.get(u as usize).is_some_and(|c| c.1))
                     };
                     let choice = if got < RANDOM_FIRST {
                         let eligible: Vec<usize> = (0..idle.len()).filter(|&i| may_hold(idle[i])).collect();
@@ -168,7 +190,7 @@ impl Fetcher {
                             if !may_hold(u) {
                                 continue;
                             }
-                            let key = (counts.1.get(u as usize).copied().unwrap_or(0), rng.next());
+                            let key = (counts.1.get(u as usize).map_or(0, |c| c.0), rng.next());
                             if best.is_none_or(|(c, r, _)| key < (c, r)) {
                                 best = Some((key.0, key.1, i));
                             }
@@ -211,6 +233,7 @@ impl Fetcher {
                             .unwrap_or_else(|e| e.into_inner())
                             .insert((h, u), entry);
                         owned.insert(u, tx);
+                        hints.push(u);
                     }
                     let (handle, reg) = AbortHandle::new_pair();
                     let r = range(u);
@@ -224,6 +247,19 @@ impl Fetcher {
                         reg,
                     ));
                     asked.entry(u).or_default().push((p, handle));
+                }
+            }
+            if !hints.is_empty() {
+                hints.sort_unstable();
+                let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+                for r in hints.into_iter().map(range) {
+                    match runs.last_mut() {
+                        Some(last) if last.end == r.start => last.end = r.end,
+                        _ => runs.push(r),
+                    }
+                }
+                for c in runs.chunks(crate::protocol::MAX_RANGES) {
+                    self.net.swarms.broadcast(&h, SwarmMsg::Fetching(c.to_vec()), None);
                 }
             }
             if running.is_empty() && idle.len() == missing.len() && busy_elsewhere.is_empty() {
@@ -257,6 +293,7 @@ impl Fetcher {
                         }
                     };
                     if whole {
+                        tracing::trace!(%p, "{h}: unit {u} arrived");
                         got += 1;
                         last_progress = Instant::now();
                         // The endgame's other requests for this unit lost.
@@ -270,6 +307,12 @@ impl Fetcher {
                         if asked.get(&u).is_some_and(|w| w.is_empty()) {
                             asked.remove(&u);
                             release(&mut owned, u);
+                            // Withdraw the FETCHING hint, so that nobody waits on this node
+                            // for the unit (LOST of what it lacks of it).
+                            let lacking = self.store.present_groups(&h)?.missing(range(u));
+                            if !lacking.is_empty() {
+                                self.net.swarms.broadcast(&h, SwarmMsg::Lost(lacking), None);
+                            }
                         }
                     }
                 }

@@ -25,6 +25,11 @@ use crate::tree::Tree;
 
 /// How long a failed or refused join keeps a peer from being joined again for that blob.
 const JOIN_RETRY: Duration = Duration::from_secs(30);
+/// A peer that answers a join with "not found" or "busy" may be a leecher that has not
+/// learned the blob's size yet (a crowd starts at once): asked again this often, ...
+const JOIN_AGAIN: Duration = Duration::from_millis(500);
+/// ... this many times, while this node still lacks groups of the blob.
+const JOIN_TRIES: u32 = 20;
 /// How long to wait for a new member's addresses (identify) before telling others of it.
 const ADDR_WAIT: Duration = Duration::from_secs(2);
 /// How often a stream checks whether both sides are done.
@@ -61,10 +66,20 @@ impl Net {
         }
         let me = self.clone();
         tokio::spawn(async move {
-            match me.open_join(peer, h).await {
-                Ok((stream, size)) => me.session(peer, h, size, stream).await,
-                Err(e) => tracing::debug!(%peer, "no swarm stream for {h}: {e}"),
+            for _ in 0..JOIN_TRIES {
+                match me.open_join(peer, h).await {
+                    Ok((stream, size)) => return me.session(peer, h, size, stream).await,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        tokio::time::sleep(JOIN_AGAIN).await;
+                        let complete = me.store.info(&h).ok().flatten().is_some_and(|i| i.complete);
+                        if complete || me.swarms.is_member(&h, &peer) {
+                            return; // it joins us once it has something, or did already
+                        }
+                    }
+                    Err(e) => return tracing::debug!(%peer, "no swarm stream for {h}: {e}"),
+                }
             }
+            tracing::debug!(%peer, "no swarm stream for {h}: it never had the blob");
         });
     }
 
@@ -85,6 +100,13 @@ impl Net {
             0 => {}
             // An old node answers kind 2 with "bad request": plain GETs still work with it.
             3 => return Err(io::Error::other("the peer does not speak swarm streams")),
+            // Not found or busy: perhaps not yet.
+            x @ (1 | 2) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("the peer answered status {x}"),
+                ))
+            }
             x => return Err(io::Error::other(format!("the peer answered status {x}"))),
         }
         let mut size = [0u8; 8];
@@ -140,6 +162,15 @@ impl Net {
         let writer = async {
             for m in first {
                 write_msg(&mut wr, &m).await?;
+            }
+            if self.lie_fetching {
+                loop {
+                    write_msg(&mut wr, &SwarmMsg::Fetching(vec![0..groups])).await?;
+                    while let Ok(m) = rx.try_recv() {
+                        write_msg(&mut wr, &m).await?;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
             }
             while let Some(m) = rx.recv().await {
                 write_msg(&mut wr, &m).await?;
@@ -267,7 +298,7 @@ async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<SwarmMsg> {
     let mut buf = Vec::new();
     take(r, &mut buf, 1).await?;
     match buf[0] {
-        1 | 4 => {
+        1 | 4 | 5 => {
             take(r, &mut buf, 2).await?;
             let n = u16::from_le_bytes([buf[1], buf[2]]) as usize;
             if n > protocol::MAX_RANGES {
