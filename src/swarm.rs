@@ -48,6 +48,8 @@ struct Member {
     tx: mpsc::UnboundedSender<SwarmMsg>,
     /// Which stream this is, so that a closed older stream does not remove a newer one.
     session: u64,
+    /// True if the stream is the one both sides keep when two were opened at once.
+    preferred: bool,
 }
 
 #[derive(Default)]
@@ -165,15 +167,26 @@ impl Swarms {
     }
 
     /// Registers a stream with `p` for `h` (of `groups` groups); returns its session number,
-    /// or `None` if the swarm is full.
-    pub fn join(&self, h: Hash, groups: u64, p: PeerId, tx: mpsc::UnboundedSender<SwarmMsg>) -> Option<u64> {
+    /// or `None` if the swarm is full, or if `p` has a `preferred` stream already and this
+    /// one is not (the two peers opened one each at once). A newer stream otherwise replaces
+    /// an older one.
+    pub fn join(
+        &self,
+        h: Hash,
+        groups: u64,
+        p: PeerId,
+        tx: mpsc::UnboundedSender<SwarmMsg>,
+        preferred: bool,
+    ) -> Option<u64> {
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
         {
             let mut blobs = lock(&self.blobs);
             let b = blobs.entry(h).or_default();
             b.groups = groups;
-            if b.members.len() >= MAX_MEMBERS && !b.members.contains_key(&p) {
-                return None;
+            match b.members.get(&p) {
+                Some(m) if m.preferred && !preferred => return None,
+                None if b.members.len() >= MAX_MEMBERS => return None,
+                _ => {}
             }
             b.members.insert(
                 p,
@@ -184,6 +197,7 @@ impl Swarms {
                     hints_lapsed: false,
                     tx,
                     session,
+                    preferred,
                 },
             );
         }
@@ -439,7 +453,7 @@ mod tests {
         let s = Swarms::default();
         let (h, p) = (Hash::of(b"x"), PeerId::random());
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let id = s.join(h, 100, p, tx).unwrap();
+        let id = s.join(h, 100, p, tx, false).unwrap();
         assert_eq!(s.holds(&h, &p, &(0..16)), Some(false));
         assert_eq!(s.holds(&h, &PeerId::random(), &(0..16)), None);
         s.update(&h, &p, &SwarmMsg::Have(vec![0..32]));
@@ -465,9 +479,12 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap(), SwarmMsg::Synced);
         // An older stream's end does not remove a newer one.
         let (tx2, _rx2) = mpsc::unbounded_channel();
-        let id2 = s.join(h, 100, p, tx2).unwrap();
+        let id2 = s.join(h, 100, p, tx2, true).unwrap();
         s.leave(&h, &p, id);
         assert!(s.is_member(&h, &p));
+        // Of two streams opened at once, the preferred one stays.
+        let (tx3, _rx3) = mpsc::unbounded_channel();
+        assert_eq!(s.join(h, 100, p, tx3, false), None);
         s.leave(&h, &p, id2);
         assert!(!s.is_member(&h, &p));
     }

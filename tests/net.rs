@@ -351,3 +351,26 @@ async fn leechers_that_start_at_once_still_join_each_other() {
     }
     assert!(joined, "C did not ask B again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_peers_that_join_each_other_at_once_stay_members() {
+    let a = node(&[], false).await;
+    let b = node(&[&a.addr], false).await;
+    let c = node(&[&a.addr], false).await;
+    // Several blobs, as the race between the two streams goes either way.
+    for round in 0..6u64 {
+        let bytes = data((1 << 20) + 3, 70 + round);
+        let (h, _) = a.store.import_reader(&bytes[..], true).unwrap();
+        let groups = Tree::new(bytes.len() as u64).groups();
+        for x in [&b, &c] {
+            x.net.fetch(a.net.peer_id(), h, vec![groups - 1..groups]).await.unwrap();
+        }
+        b.net.join(h, c.net.peer_id());
+        c.net.join(h, b.net.peer_id());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            b.net.swarms.is_member(&h, &c.net.peer_id()) && c.net.swarms.is_member(&h, &b.net.peer_id()),
+            "blob {round}: a stream that the other side kept was closed"
+        );
+    }
+}

@@ -68,7 +68,7 @@ impl Net {
         tokio::spawn(async move {
             for _ in 0..JOIN_TRIES {
                 match me.open_join(peer, h).await {
-                    Ok((stream, size)) => return me.session(peer, h, size, stream).await,
+                    Ok((stream, size)) => return me.session(peer, h, size, stream, true).await,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         tokio::time::sleep(JOIN_AGAIN).await;
                         let complete = me.store.info(&h).ok().flatten().is_some_and(|i| i.complete);
@@ -134,18 +134,21 @@ impl Net {
         };
         s.write_all(&protocol::encode_join_answer(Status::Ok, size)).await?;
         s.flush().await?;
-        self.session(peer, h, size, s).await;
+        self.session(peer, h, size, s, false).await;
         Ok(())
     }
 
-    /// Runs one swarm stream until it ends.
-    async fn session(&self, peer: PeerId, h: Hash, size: u64, stream: libp2p::Stream) {
+    /// Runs one swarm stream until it ends; `opened` if this node opened it.
+    async fn session(&self, peer: PeerId, h: Hash, size: u64, stream: libp2p::Stream, opened: bool) {
         let groups = Tree::new(size).groups();
         let (tx, mut rx) = mpsc::unbounded_channel();
+        // Two peers that join each other at once open two streams. Both keep the one that the
+        // peer with the lower id opened, so that neither closes the stream the other kept.
+        let preferred = opened == (self.peer_id < peer);
         // Registered before the map is read, so no update falls between the two (a HAVE sent
         // twice is harmless).
-        let Some(session) = self.swarms.join(h, groups, peer, tx) else {
-            tracing::debug!(%peer, "the swarm of {h} is full");
+        let Some(session) = self.swarms.join(h, groups, peer, tx, preferred) else {
+            tracing::debug!(%peer, "no room for another stream in the swarm of {h}");
             return;
         };
         tracing::debug!(%peer, "swarm stream for {h}");
