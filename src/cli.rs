@@ -142,6 +142,11 @@ pub struct DaemonArgs {
     /// Address to listen on (repeatable) [default: /ip4/0.0.0.0/tcp/4701]
     #[arg(long, value_name = "MULTIADDR")]
     pub listen: Vec<libp2p::Multiaddr>,
+    /// An address others can dial this node at, such as a port forwarded on the router
+    /// (repeatable). Public listen addresses, and listen addresses that peers see this node
+    /// at, count without it. These go into the node's provider records.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub external_addr: Vec<libp2p::Multiaddr>,
     /// Seconds a lookup of a hash that is not local may wait for a peer
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub lookup_timeout: u64,
@@ -291,6 +296,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             net: crate::net::NetOptions {
                 listen,
                 bootstrap: config.bootstrap(&opts.net.bootstrap)?,
+                external: opts.external_addr.clone(),
                 mdns: !opts.net.no_mdns,
                 corrupt_responses: opts.test_corrupt_responses,
                 lie_have: opts.test_lie_have,
@@ -332,6 +338,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let opts = crate::net::NetOptions {
                 listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid")],
                 bootstrap: Config::load(&dir)?.bootstrap(&net.bootstrap)?,
+                external: Vec::new(),
                 mdns: !net.no_mdns,
                 corrupt_responses: false,
                 lie_have: false,
@@ -532,6 +539,9 @@ pub fn execute(
                 writeln!(out, "peer id    {}", status.net.peer_id)?;
                 for a in &status.net.listen {
                     writeln!(out, "listening  {a}")?;
+                }
+                for a in &status.net.external {
+                    writeln!(out, "reachable  {a}")?;
                 }
                 writeln!(out, "peers      {}", status.net.peers.len())?;
                 writeln!(out, "cache      {} of {} bytes", status.cache_used, status.cache_size)?;

@@ -23,6 +23,7 @@ use anyhow::{Context, Result};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore, store::MemoryStoreConfig, GetProvidersOk, QueryResult};
+use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
 use serde::Serialize;
@@ -75,6 +76,8 @@ struct Behaviour {
 pub struct NetOptions {
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
+    /// Addresses others can dial this node at, known beforehand (a port forward, say).
+    pub external: Vec<Multiaddr>,
     pub mdns: bool,
     /// Tests only: corrupt one byte of every response body (see the malicious-peer test).
     pub corrupt_responses: bool,
@@ -93,6 +96,8 @@ pub struct NetInfo {
     pub peer_id: String,
     /// Full multiaddrs, ending in `/p2p/<peer id>`.
     pub listen: Vec<String>,
+    /// Confirmed addresses others can dial this node at: what its provider records carry.
+    pub external: Vec<String>,
     pub peers: Vec<String>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
@@ -109,7 +114,10 @@ enum Cmd {
     Provide(Hash),
     /// The providers found so far, and whether the lookup has ended.
     Providers(Hash, watch::Sender<(HashSet<PeerId>, bool)>),
-    Info(oneshot::Sender<(Vec<Multiaddr>, Vec<PeerId>)>),
+    /// Listen addresses, connected peers, confirmed external addresses.
+    Info(oneshot::Sender<(Vec<Multiaddr>, Vec<PeerId>, Vec<Multiaddr>)>),
+    /// The provider records for a hash in this node's own DHT store.
+    Stored(Hash, oneshot::Sender<Vec<(PeerId, Vec<Multiaddr>)>>),
     /// The listen addresses each of these peers told us (identify).
     Addrs(Vec<PeerId>, oneshot::Sender<HashMap<PeerId, Vec<Multiaddr>>>),
     /// Learn addresses for a peer and dial it (peer exchange).
@@ -319,6 +327,9 @@ impl Net {
                 tracing::warn!("cannot dial bootstrap peer {addr}: {e}");
             }
         }
+        for addr in &opts.external {
+            confirm(&mut swarm, addr.clone());
+        }
         let control = swarm.behaviour().stream.new_control();
         let (tx, rx) = mpsc::channel(256);
         let net = Net {
@@ -393,16 +404,27 @@ impl Net {
             .collect()
     }
 
+    /// The provider records for `h` that this node stores for the DHT: each provider, with
+    /// the addresses its record carries.
+    pub async fn stored_providers(&self, h: Hash) -> Vec<(PeerId, Vec<Multiaddr>)> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Cmd::Stored(h, tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
     /// The node's addresses and connected peers.
     pub async fn info(&self) -> NetInfo {
         let (tx, rx) = oneshot::channel();
-        let (listen, peers) = match self.tx.send(Cmd::Info(tx)).await {
+        let (listen, peers, external) = match self.tx.send(Cmd::Info(tx)).await {
             Ok(()) => rx.await.unwrap_or_default(),
             Err(_) => Default::default(),
         };
         NetInfo {
             peer_id: self.peer_id.to_string(),
             listen: listen.iter().map(|a| format!("{a}/p2p/{}", self.peer_id)).collect(),
+            external: external.iter().map(|a| format!("{a}/p2p/{}", self.peer_id)).collect(),
             peers: peers.iter().map(|p| p.to_string()).collect(),
             bytes_sent: self.counters.sent.load(Ordering::Relaxed),
             bytes_received: self.counters.received.load(Ordering::Relaxed),
@@ -417,7 +439,7 @@ impl Net {
         }
         let banned = self.banned.lock().unwrap_or_else(|e| e.into_inner()).clone();
         rx.await
-            .map(|(_, p)| p)
+            .map(|(_, p, _)| p)
             .unwrap_or_default()
             .into_iter()
             .filter(|p| !banned.contains(p))
@@ -854,8 +876,23 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
     // What each peer said it listens on (identify), for peer exchange.
     let mut addrs: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
     let mut bootstrapped = false;
+    // When to announce every provided blob again, so that the records carry an address that
+    // was confirmed after they were first announced (debounced: confirmations come in bursts).
+    let mut reannounce: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(reannounce.unwrap_or_else(tokio::time::Instant::now)), if reannounce.is_some() => {
+                reannounce = None;
+                let kad = &mut swarm.behaviour_mut().kad;
+                let keys: Vec<kad::RecordKey> = {
+                    use libp2p::kad::store::RecordStore;
+                    kad.store_mut().provided().map(|r| r.key.clone()).collect()
+                };
+                tracing::debug!("announcing {} blobs again with the new addresses", keys.len());
+                for k in keys {
+                    let _ = kad.start_providing(k);
+                }
+            }
             cmd = rx.recv() => match cmd {
                 Some(Cmd::Provide(h)) => {
                     if let Err(e) = swarm.behaviour_mut().kad.start_providing(record_key(&h)) {
@@ -867,7 +904,13 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
                     pending.insert(q, tx);
                 }
                 Some(Cmd::Info(tx)) => {
-                    let _ = tx.send((listen.clone(), swarm.connected_peers().copied().collect()));
+                    let peers = swarm.connected_peers().copied().collect();
+                    let _ = tx.send((listen.clone(), peers, swarm.external_addresses().cloned().collect()));
+                }
+                Some(Cmd::Stored(h, tx)) => {
+                    use libp2p::kad::store::RecordStore;
+                    let records = swarm.behaviour_mut().kad.store_mut().providers(&record_key(&h));
+                    let _ = tx.send(records.into_iter().map(|r| (r.provider, r.addresses)).collect());
                 }
                 Some(Cmd::Addrs(peers, tx)) => {
                     let _ = tx.send(peers.iter().filter_map(|p| Some((*p, addrs.get(p)?.clone()))).collect());
@@ -893,7 +936,29 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
             ev = swarm.select_next_some() => match ev {
                 SwarmEvent::NewListenAddr { address, .. } => {
                     tracing::info!("listening on {address}/p2p/{}", swarm.local_peer_id());
+                    // A public address needs no one to confirm it.
+                    if is_public(&address) && confirm(&mut swarm, address.clone()) {
+                        reannounce = Some(tokio::time::Instant::now() + REANNOUNCE_AFTER);
+                    }
                     listen.push(address);
+                }
+                SwarmEvent::ExpiredListenAddr { address, .. } => {
+                    listen.retain(|a| *a != address);
+                    swarm.remove_external_address(&address);
+                }
+                SwarmEvent::NewExternalAddrCandidate { address } => {
+                    // A peer saw this node at one of its own listen addresses: no NAT stands
+                    // between them, so the address can be dialed (from that peer's side at
+                    // least). Confirmed, it goes into the provider records this node
+                    // announces. Addresses behind a NAT are for AutoNAT to confirm.
+                    let bare: Multiaddr = address.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect();
+                    if listen.contains(&bare) && confirm(&mut swarm, bare) {
+                        reannounce = Some(tokio::time::Instant::now() + REANNOUNCE_AFTER);
+                    }
+                }
+                SwarmEvent::ExternalAddrConfirmed { address } => {
+                    tracing::info!("reachable at {address}");
+                    reannounce = Some(tokio::time::Instant::now() + REANNOUNCE_AFTER);
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                     if banned.lock().unwrap_or_else(|e| e.into_inner()).contains(&peer_id) {
@@ -935,6 +1000,20 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
                     // Our own record (a blob we hold) is no answer.
                     let me = *swarm.local_peer_id();
                     let done = step.last || res.is_err() || !matches!(res, Ok(GetProvidersOk::FoundProviders { .. }));
+                    if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = &res {
+                        // Dial each provider now, while the query still holds the addresses
+                        // its record carried (Kademlia forgets them when the query ends).
+                        let far: Vec<PeerId> =
+                            providers.iter().filter(|p| **p != me && !swarm.is_connected(p)).copied().collect();
+                        for p in far {
+                            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(p)
+                                .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
+                                .build();
+                            if let Err(e) = swarm.dial(opts) {
+                                tracing::debug!(peer = %p, "cannot dial a provider: {e}");
+                            }
+                        }
+                    }
                     if let Some(tx) = pending.get(&id) {
                         tx.send_modify(|(set, end)| {
                             if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = res {
@@ -949,6 +1028,84 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
                 }
                 _ => {}
             }
+        }
+    }
+}
+
+/// How long after an address is confirmed the node announces its blobs again (confirmations
+/// come in bursts).
+const REANNOUNCE_AFTER: Duration = Duration::from_secs(2);
+
+/// Adds `a` to the node's confirmed external addresses; true if it is new.
+fn confirm(swarm: &mut Swarm<Behaviour>, a: Multiaddr) -> bool {
+    if swarm.external_addresses().any(|x| *x == a) {
+        return false;
+    }
+    tracing::info!("reachable at {a}");
+    swarm.add_external_address(a);
+    true
+}
+
+/// True if `a` is an IP address reachable from the whole internet: not private, loopback,
+/// link-local, shared (CGNAT), documentation or multicast.
+fn is_public(a: &Multiaddr) -> bool {
+    match a.iter().next() {
+        Some(Protocol::Ip4(ip)) => {
+            let o = ip.octets();
+            !(ip.is_private()
+                || ip.is_loopback()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || ip.is_multicast()
+                || ip.is_documentation()
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                || o[0] == 0
+                || o[0] >= 240)
+        }
+        Some(Protocol::Ip6(ip)) => {
+            let s = ip.segments();
+            !(ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || s[0] == 0x2001 && s[1] == 0x0db8
+                || ip.to_ipv4_mapped().is_some())
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_public;
+
+    #[test]
+    fn only_internet_addresses_count_as_public() {
+        for a in [
+            "/ip4/192.0.1.7/tcp/4701",
+            "/ip4/8.8.8.8/tcp/1",
+            "/ip6/2a01:4f8::1/tcp/4701",
+        ] {
+            assert!(is_public(&a.parse().unwrap()), "{a}");
+        }
+        for a in [
+            "/ip4/10.1.2.3/tcp/1",
+            "/ip4/172.16.0.1/tcp/1",
+            "/ip4/192.168.1.1/tcp/1",
+            "/ip4/127.0.0.1/tcp/1",
+            "/ip4/100.64.0.1/tcp/1",
+            "/ip4/169.254.1.1/tcp/1",
+            "/ip4/0.0.0.0/tcp/1",
+            "/ip4/192.0.2.1/tcp/1",
+            "/ip6/::1/tcp/1",
+            "/ip6/fd00::1/tcp/1",
+            "/ip6/fe80::1/tcp/1",
+            "/ip6/2001:db8::1/tcp/1",
+            "/dns4/example.org/tcp/1",
+        ] {
+            assert!(!is_public(&a.parse().unwrap()), "{a}");
         }
     }
 }

@@ -374,3 +374,36 @@ async fn two_peers_that_join_each_other_at_once_stay_members() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_records_carry_an_address_the_provider_can_be_dialed_at() {
+    // A announces a blob while it knows no peer and no address of its own is confirmed (as
+    // at start-up, before identify has run).
+    let a = node(&[], false).await;
+    let bytes = data(100_000, 71);
+    let (h, _) = a.store.import_reader(&bytes[..], true).unwrap();
+    a.net.provide(h).await;
+    // R dials A and so sees A at A's listen address: A confirms that address, and announces
+    // its blobs again with it.
+    let r = node(&[&a.addr], false).await;
+    let listen = a.addr.split("/p2p/").next().unwrap().to_string();
+    let at_listen = |x: &libp2p::Multiaddr| x.to_string().split("/p2p/").next() == Some(listen.as_str());
+    let mut stored = Vec::new();
+    for _ in 0..100 {
+        stored = r.net.stored_providers(h).await;
+        if stored
+            .iter()
+            .any(|(p, addrs)| *p == a.net.peer_id() && addrs.iter().any(at_listen))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        stored
+            .iter()
+            .any(|(p, addrs)| *p == a.net.peer_id() && addrs.iter().any(at_listen)),
+        "R's record for A carries no address A listens at: {stored:?}"
+    );
+    assert!(a.net.info().await.external.iter().any(|x| x.starts_with(&listen)));
+}
