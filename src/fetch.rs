@@ -375,8 +375,15 @@ impl Fetcher {
                         }
                     };
                     let last = Tree::new(first.size).groups() - 1;
-                    if last > 0 && self.net.fetch(p, h, vec![last..last + 1]).await.is_err() {
-                        continue;
+                    if last > 0 {
+                        if let Err(e) = self.net.fetch(p, h, vec![last..last + 1]).await {
+                            tracing::debug!("size of {h} from {p}: the last group: {e}");
+                            if matches!(e, FetchError::Bad { .. }) {
+                                // The size it claimed is false: keep nothing stored under it.
+                                let _ = self.store.forget_unverified(&h);
+                            }
+                            continue;
+                        }
                     }
                     return Some(first.size);
                 }

@@ -368,6 +368,85 @@ fn errors_have_the_right_errno() {
 }
 
 #[test]
+fn the_data_directory_is_readable_by_its_owner_alone() {
+    let e = env();
+    // The test's temporary directory is 0700; open it up as a home directory is.
+    fs::set_permissions(e._tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let d = Daemon::start(&e.data, &e.mnt, &[]);
+    let secret = e.mnt.join("secret.txt");
+    fs::write(&secret, data(100_000, 80)).unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    let hash = xattr_hash(&secret);
+    let src = write_file(&e.src, "added.bin", &data(50_000, 81));
+    add_file(&e.data, &src);
+    drop(d);
+    // Every file the store made is the owner's alone, and so is every directory.
+    let mut stack = vec![e.data.clone()];
+    while let Some(dir) = stack.pop() {
+        let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{} is {mode:o}", dir.display());
+        for entry in fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            let m = fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() && p != e.data.join("index") {
+                stack.push(p);
+            } else if m.is_dir() {
+                // The index's own files are sled's; its directory keeps them private.
+                let mode = m.permissions().mode() & 0o777;
+                assert_eq!(mode, 0o700, "{} is {mode:o}", p.display());
+            } else {
+                let mode = m.permissions().mode() & 0o777;
+                assert_eq!(mode & 0o077, 0, "{} is {mode:o}", p.display());
+            }
+        }
+    }
+    // Another local user cannot read the secret's bytes through the data directory.
+    let blob = e.data.join("blobs").join(&hash);
+    assert!(blob.exists(), "no blob file at {}", blob.display());
+    let mut c = std::process::Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        .arg(&blob);
+    let out = run(c);
+    assert!(
+        !out.status.success() && out.stdout.is_empty(),
+        "another user read the blob"
+    );
+}
+
+#[test]
+fn hash_look_alike_names_are_refused_in_the_root() {
+    let e = env();
+    let d = Daemon::start(&e.data, &e.mnt, &[]);
+    let f = write_file(&e.src, "f", &data(100_000, 82));
+    sh(&format!("cp {} {}/f", f.display(), e.mnt.display()));
+    let h = b3(&f);
+    const EROFS: i32 = 30;
+    let upper = h.to_uppercase();
+    let mixed: String = h
+        .chars()
+        .enumerate()
+        .map(|(i, c)| if i % 2 == 0 { c.to_ascii_uppercase() } else { c })
+        .collect();
+    for name in [&upper, &mixed] {
+        let p = e.mnt.join(name);
+        assert_eq!(py_errno("open(p, 'w').write('other')", &p), EROFS, "create {name}");
+        assert_eq!(py_errno("import os; os.mkdir(p)", &p), EROFS, "mkdir {name}");
+        assert_eq!(py_errno("import os; os.symlink('f', p)", &p), EROFS, "symlink {name}");
+        assert_eq!(
+            py_errno(&format!("import os; os.rename('{}', p)", e.mnt.join("f").display()), &p),
+            EROFS,
+            "rename onto {name}"
+        );
+        assert!(!p.exists());
+    }
+    // In a folder, such a name is an ordinary name.
+    fs::create_dir(e.mnt.join("d")).unwrap();
+    fs::write(e.mnt.join("d").join(&upper), b"fine").unwrap();
+    assert_eq!(fs::read(e.mnt.join("d").join(&upper)).unwrap(), b"fine");
+    drop(d);
+}
+
+#[test]
 fn full_disk_gives_enospc_and_publishes_nothing() {
     let e = env();
     fs::create_dir_all(&e.data).unwrap();

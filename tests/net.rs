@@ -407,3 +407,21 @@ async fn provider_records_carry_an_address_the_provider_can_be_dialed_at() {
     );
     assert!(a.net.info().await.external.iter().any(|x| x.starts_with(&listen)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_that_fails_verification_leaves_no_phantom_blob() {
+    // The only provider flips a byte in everything it sends.
+    let bad = node(&[], true).await;
+    let bytes = data(3 << 20, 83);
+    let (h, _) = bad.store.import_reader(&bytes[..], true).unwrap();
+    bad.net.provide(h).await;
+    let reader = node(&[&bad.addr], false).await;
+    let f = swarmfs::fetch::Fetcher::new(reader.net.clone(), reader.store.clone());
+    assert_eq!(f.size(h, Duration::from_secs(3)).await, None);
+    assert!(
+        reader.store.info(&h).unwrap().is_none(),
+        "a blob under the claimed size stayed: {:?}",
+        reader.store.info(&h).unwrap()
+    );
+    assert!(reader.store.list().unwrap().is_empty());
+}

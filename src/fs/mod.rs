@@ -350,9 +350,11 @@ impl Inner {
         None
     }
 
-    /// Names in the root that are blob names belong to the read-only hash namespace.
+    /// Names in the root that are blob names belong to the read-only hash namespace, and so
+    /// do their look-alikes in other cases: a name `3F2A...` must not hold other content than
+    /// the blob `3f2a...`.
     fn reserved(parent: u64, name: &OsStr) -> bool {
-        parent == ROOT && name.to_str().and_then(Hash::parse_lowercase).is_some()
+        parent == ROOT && name.to_str().is_some_and(|s| s.parse::<Hash>().is_ok())
     }
 
     fn new_fh(&self, h: Handle) -> u64 {

@@ -4,7 +4,7 @@
 //! Three threads share the work: one reads the source, one hashes, one writes the temp file.
 //! Buffers (1 MiB each, four of them) go round in a loop, which bounds memory.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -28,7 +28,7 @@ pub(super) struct TempFile {
 
 impl TempFile {
     pub(super) fn create(path: std::path::PathBuf) -> Result<TempFile> {
-        let file = OpenOptions::new()
+        let file = super::private_file()
             .read(true)
             .write(true)
             .create_new(true)

@@ -153,6 +153,7 @@ impl Store {
         let tmp = dir.join("tmp");
         for d in [dir, &blobs, &tmp] {
             fs::create_dir_all(d).ctx(|| format!("cannot create {}", d.display()))?;
+            owner_only(d)?;
         }
         let lock = take_lock(dir)?;
         let db = sled::Config::new()
@@ -164,6 +165,8 @@ impl Store {
                 dir: dir.to_owned(),
                 source,
             })?;
+        // sled makes its files as the umask says; their directory keeps them private.
+        owner_only(&dir.join("index"))?;
         let store = Store {
             dir: dir.to_owned(),
             blobs,
@@ -411,6 +414,22 @@ impl Store {
         Ok(())
     }
 
+    /// Drops a partial blob whose size never verified (its last group is not held), unless it
+    /// is pinned: what a peer claimed and could not back up leaves nothing behind. Returns
+    /// whether it was dropped.
+    pub fn forget_unverified(&self, h: &Hash) -> Result<bool> {
+        let Some(info) = self.info(h)? else { return Ok(false) };
+        if info.complete || info.size_verified || info.pinned {
+            return Ok(false);
+        }
+        let _w = self.lock_write();
+        let Some(m) = self.meta(h)? else { return Ok(false) };
+        tracing::info!(hash = %h, size = m.size, "dropping a partial blob whose claimed size did not verify");
+        self.remove_entry(h, &m)?;
+        self.used.fetch_sub(info.present.min(self.used()), Ordering::Relaxed);
+        Ok(true)
+    }
+
     /// Drops a blob from the store, pinned or not.
     pub fn remove(&self, h: &Hash) -> Result<()> {
         let _w = self.lock_write();
@@ -494,10 +513,37 @@ impl Drop for Store {
     }
 }
 
+/// Makes directory `d` the owner's alone (0700): blob files hold the content of files that
+/// may be private in the mount, and the index names them. Files inside are made 0600 too.
+fn owner_only(d: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(d)
+        .ctx(|| format!("cannot stat {}", d.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o777 != 0o700 {
+        tracing::info!(
+            "making {} readable by its owner alone (was {:o})",
+            d.display(),
+            mode & 0o777
+        );
+        fs::set_permissions(d, fs::Permissions::from_mode(0o700)).ctx(|| format!("cannot chmod {}", d.display()))?;
+    }
+    Ok(())
+}
+
+/// Opening options for a file of the store: readable by the owner alone.
+pub(crate) fn private_file() -> OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = OpenOptions::new();
+    o.mode(0o600);
+    o
+}
+
 /// Takes the data directory's lock, or names the process that holds it.
 fn take_lock(dir: &Path) -> Result<File> {
     let path = dir.join("lock");
-    let mut f = OpenOptions::new()
+    let mut f = private_file()
         .read(true)
         .write(true)
         .create(true)

@@ -6,7 +6,7 @@
 //! `FLUSH_BYTES`, on completion, and on `Store::flush`), so a crash can lose recent ranges
 //! but can never make the index claim bytes that are not on disk.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -127,7 +127,7 @@ impl Store {
         let tree = Tree::new(size);
         let present = self.present_groups(h).unwrap_or_else(|_| Present::new(tree.groups()));
         let open = |p: std::path::PathBuf, len: u64| -> Result<File> {
-            let f = OpenOptions::new()
+            let f = super::private_file()
                 .read(true)
                 .write(true)
                 .create(true)
@@ -218,6 +218,21 @@ impl Store {
             }
             Ok(())
         });
+        // A first answer that verified nothing leaves nothing behind: no entry under a size
+        // that only the peer claimed.
+        if runs.is_empty() && self.open_partial(h).is_none() && self.meta(h)?.is_none() {
+            return match res {
+                Ok(()) => Ok(Written::Partial),
+                Err(bao::VerifyError::Io(e)) => Err(StoreError::Io {
+                    what: format!("reading blob {h}"),
+                    source: e,
+                }),
+                Err(source) => {
+                    tracing::warn!(hash = %h, "rejected data that failed verification: {source}");
+                    Err(StoreError::BadData { hash: *h, source })
+                }
+            };
+        }
         // Whatever verified is kept, even if the stream then failed.
         let p = self.partial(h, size)?;
         let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
