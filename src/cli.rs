@@ -728,8 +728,18 @@ fn verify(store: &Store, mut hashes: Vec<Hash>, json: bool, out: &mut dyn Write)
         hashes = store.list()?.into_iter().map(|b| b.hash).collect();
     }
     let mut report = Vec::new();
+    let mut failed = false;
     for h in hashes {
-        let corrupt = store.verify(&h)?;
+        // One blob that cannot be checked at all does not stop the others.
+        let corrupt = match store.verify(&h) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(hash = %h, "cannot verify: {e}");
+                writeln!(out, "{h}: cannot verify: {e}")?;
+                failed = true;
+                continue;
+            }
+        };
         if !json {
             if corrupt.is_empty() {
                 writeln!(out, "{h}: OK")?;
@@ -745,6 +755,6 @@ fn verify(store: &Store, mut hashes: Vec<Hash>, json: bool, out: &mut dyn Write)
         serde_json::to_writer_pretty(&mut *out, &report)?;
         writeln!(out)?;
     }
-    let bad = report.iter().any(|r| !r.corrupt.is_empty());
+    let bad = failed || report.iter().any(|r| !r.corrupt.is_empty());
     Ok(bad as u8)
 }

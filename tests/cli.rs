@@ -174,3 +174,66 @@ fn help_shows_an_example_for_each_command() {
         assert!(sub.contains("Example:"), "{cmd} --help has no example");
     }
 }
+
+#[test]
+fn verify_checks_every_blob_and_drops_every_bad_one() {
+    let store = tempfile::tempdir().unwrap();
+    let d = store.path();
+    let src = tempfile::tempdir().unwrap();
+    let mut hashes = Vec::new();
+    for i in 0..4u64 {
+        let p = write_file(src.path(), &format!("f{i}"), &data(300_000 + i, 90 + i));
+        let mut add = swarmfs(d, &["add"]);
+        add.arg(&p);
+        hashes.push(ok(add)[..64].to_string());
+    }
+    // With a daemon running, as a user runs verify (a store opened afresh would drop a blob
+    // whose file is gone before verify sees it).
+    let mnt = src.path().join("mnt");
+    let daemon = Daemon::start(d, &mnt, &[]);
+    let blob = |h: &str| d.join("blobs").join(h);
+    fs::remove_file(blob(&hashes[0])).unwrap(); // missing
+    fs::OpenOptions::new()
+        .write(true)
+        .open(blob(&hashes[1]))
+        .unwrap()
+        .set_len(100_000)
+        .unwrap(); // truncated
+    fs::write(blob(&hashes[2]), b"").unwrap(); // emptied
+    let out = run(swarmfs(d, &["verify"]));
+    assert_eq!(out.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&out.stdout);
+    for h in &hashes[..3] {
+        assert!(
+            report
+                .lines()
+                .any(|l| l.starts_with(h.as_str()) && l.contains("CORRUPT")),
+            "{h} not reported: {report}"
+        );
+    }
+    assert!(
+        report.contains(&format!("{}: OK", hashes[3])),
+        "the good blob was not checked: {report}"
+    );
+    // What was bad is dropped: a second run finds nothing wrong, and nothing bad is held.
+    let again = run(swarmfs(d, &["verify"]));
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
+    let ls: serde_json::Value = serde_json::from_str(&ok(swarmfs(d, &["ls", "--json"]))).unwrap();
+    for b in ls.as_array().unwrap() {
+        let h = b["hash"].as_str().unwrap();
+        if h == hashes[1] {
+            assert_eq!(b["complete"], false);
+            assert!(b["present"].as_u64().unwrap() <= 100_000, "{b}");
+        } else if h != hashes[3] {
+            assert_eq!(b["present"], 0, "{b}");
+        }
+    }
+    let good = run(swarmfs(d, &["cat", &hashes[3]]));
+    assert!(good.status.success() && good.stdout == data(300_003, 93));
+    drop(daemon);
+}

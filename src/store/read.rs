@@ -167,22 +167,61 @@ impl Store {
     /// present-set, and returned.
     pub fn verify(&self, h: &Hash) -> Result<Vec<u64>> {
         let m = self.meta(h)?.ok_or(StoreError::NotFound(*h))?;
-        let mut r = self.reader_for(h, &m)?;
+        let mut r = match self.reader_for(h, &m) {
+            Ok(r) => r,
+            // Its files are gone: every group it held is bad.
+            Err(e @ StoreError::Io { .. }) => {
+                tracing::error!(hash = %h, "cannot read the blob's files: {e}; dropping it");
+                let tree = Tree::new(m.size);
+                let held = if m.complete {
+                    Present::full(tree.groups())
+                } else {
+                    self.present_groups(h)?
+                };
+                let bad: Vec<u64> = (0..tree.groups()).filter(|&g| held.contains(g)).collect();
+                self.drop_groups(h, &m, &bad)?;
+                return Ok(bad);
+            }
+            Err(e) => return Err(e),
+        };
         let mut bad = Vec::new();
         let groups = r.tree.groups();
         let mut buf = Vec::new();
         let mut g = 0;
         while g < groups {
             let batch = g..(g + BATCH).min(groups);
-            let (expect, bad_nodes) = r.expect(batch.clone())?;
-            bad.extend(bad_nodes.iter().filter(|&&g| r.has(g)));
-            r.read_raw(&expect, &mut buf)?;
-            // A bad pair leaves gaps in `expect`, so place each group by its index.
-            let base = expect.first().map_or(0, |e| e.0);
-            for &(g, cv, is_root) in &expect {
-                let at = ((g - base) * GROUP_SIZE) as usize;
-                if r.has(g) && group_cv(g, &buf[at..at + r.group_len(g)], is_root) != cv {
-                    bad.push(g);
+            let expect = match r.expect(batch.clone()) {
+                Ok((expect, bad_nodes)) => {
+                    bad.extend(bad_nodes.iter().filter(|&&g| r.has(g)));
+                    expect
+                }
+                // An outboard cut short or unreadable: none of the batch can be checked.
+                Err(_) => {
+                    bad.extend(batch.clone().filter(|&g| r.has(g)));
+                    g = batch.end;
+                    continue;
+                }
+            };
+            // A data file cut short (or unreadable) fails the batch's read: check the groups
+            // one by one, so that each is judged on its own.
+            let singles: Vec<Expect> = match r.read_raw(&expect, &mut buf) {
+                Ok(()) => vec![expect],
+                Err(_) => expect.iter().map(|e| vec![*e]).collect(),
+            };
+            for exp in singles {
+                if exp.len() == 1 && r.read_raw(&exp, &mut buf).is_err() {
+                    if r.has(exp[0].0) {
+                        bad.push(exp[0].0);
+                    }
+                    continue;
+                }
+                // A bad pair leaves gaps in `expect`, so place each group by its index.
+                let base = exp.first().map_or(0, |e| e.0);
+                for &(g, cv, is_root) in &exp {
+                    let at = ((g - base) * GROUP_SIZE) as usize;
+                    if r.has(g) && group_cv(g, &buf[at..at + r.group_len(g)], is_root) != cv {
+                        bad.push(g);
+                    }
                 }
             }
             g = batch.end;
