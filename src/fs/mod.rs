@@ -136,6 +136,8 @@ pub struct Inner {
     backing: Mutex<HashMap<u64, Weak<BackingId>>>,
     /// The kernel agreed to passthrough (set in `init`).
     passthrough: AtomicBool,
+    /// Blobs being verified whole in the background, before passthrough may read them.
+    checking: Arc<Mutex<std::collections::HashSet<Hash>>>,
 }
 
 /// Forgets a file's staged length once its commit is over, whatever the outcome: by then the
@@ -226,6 +228,7 @@ impl SwarmFs {
             staged: Mutex::new(HashMap::new()),
             backing: Mutex::new(HashMap::new()),
             passthrough: AtomicBool::new(false),
+            checking: Arc::default(),
         }))
     }
 }
@@ -387,7 +390,11 @@ impl Inner {
                     let rd = r.as_mut().expect("just set");
                     match rd.read_at(off, size as usize) {
                         Ok(d) => return Ok(d),
-                        Err(StoreError::Missing { .. }) if attempt == 0 => {
+                        Err(e @ (StoreError::Missing { .. } | StoreError::Corrupt { .. })) if attempt == 0 => {
+                            // A corrupt block is dropped, then fetched again like a missing one.
+                            if let StoreError::Corrupt { group, .. } = e {
+                                self.store.found_corrupt(hash, group);
+                            }
                             let tree = crate::tree::Tree::new(rd.size());
                             let want = tree.groups_for_bytes(off..off + size as u64);
                             let readahead = {
@@ -404,7 +411,7 @@ impl Inner {
                                 return Err(Errno::EIO);
                             }
                         }
-                        Err(e) => return Err(store_errno(e)),
+                        Err(e) => return Err(store_errno(self.store.note_corrupt(e))),
                     }
                 }
                 Err(Errno::EIO)
@@ -430,7 +437,8 @@ impl Inner {
                     *r = Some((hash, self.store.reader(&hash).map_err(store_errno)?));
                 }
                 let (_, r) = r.as_mut().expect("just set");
-                r.read_at(off, size as usize).map_err(store_errno)
+                r.read_at(off, size as usize)
+                    .map_err(|e| store_errno(self.store.note_corrupt(e)))
             }
         }
     }
@@ -536,11 +544,17 @@ impl Inner {
         if !self.passthrough.load(Ordering::Relaxed) {
             return None;
         }
+        // Only a file that verified whole in this daemon's life and has not changed since;
+        // any other is read through the daemon, verified, and checked in the background.
+        let Some(path) = self.store.passthrough_file(h) else {
+            lock(&self.backing).remove(&ino);
+            self.check_in_background(*h);
+            return None;
+        };
         let mut map = lock(&self.backing);
         if let Some(id) = map.get(&ino).and_then(Weak::upgrade) {
             return Some(id);
         }
-        let path = self.store.complete_file(h).ok()??;
         let file = std::fs::File::open(path).ok()?;
         match reply.open_backing(&file) {
             Ok(id) => {
@@ -554,6 +568,23 @@ impl Inner {
                 None
             }
         }
+    }
+
+    /// Verifies complete blob `h` whole on the blocking pool (once at a time), so that later
+    /// opens may use passthrough.
+    fn check_in_background(&self, h: Hash) {
+        if !matches!(self.store.complete_file(&h), Ok(Some(_))) || !lock(&self.checking).insert(h) {
+            return;
+        }
+        let (store, checking) = (self.store.clone(), self.checking.clone());
+        self.rt.spawn_blocking(move || {
+            match store.check_for_passthrough(&h) {
+                Ok(true) => tracing::debug!(hash = %h, "verified whole: passthrough from the next open"),
+                Ok(false) => tracing::warn!(hash = %h, "did not verify whole: reads stay in the daemon"),
+                Err(e) => tracing::warn!(hash = %h, "cannot check the blob: {e}"),
+            }
+            checking.lock().unwrap_or_else(|e| e.into_inner()).remove(&h);
+        });
     }
 
     /// The entries of a folder: user names, then (in the root) the local blobs.

@@ -22,6 +22,7 @@ mod partial;
 mod present;
 mod read;
 mod staging;
+mod trust;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -141,6 +142,8 @@ pub struct Store {
     tmp_seq: AtomicU64,
     /// Called with every blob that becomes complete (the node announces it).
     on_complete: Mutex<Option<CompleteHook>>,
+    /// Blob files that verified whole in this process's life, as they were then (`trust.rs`).
+    verified: Mutex<HashMap<Hash, trust::Stamp>>,
 }
 
 type CompleteHook = Arc<dyn Fn(Hash) + Send + Sync>;
@@ -179,6 +182,7 @@ impl Store {
             partials: Mutex::new(HashMap::new()),
             tmp_seq: AtomicU64::new(0),
             on_complete: Mutex::new(None),
+            verified: Mutex::new(HashMap::new()),
         };
         match opts.cache_size {
             Some(cap) => store.set_cache_size(cap)?,
@@ -206,7 +210,13 @@ impl Store {
         *self.on_complete.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(f));
     }
 
+    fn verified_lock(&self) -> MutexGuard<'_, HashMap<Hash, trust::Stamp>> {
+        self.verified.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Blob `h` just became complete, every byte of it verified on the way in.
     pub(crate) fn completed(&self, h: Hash) {
+        self.mark_verified(&h);
         let hook = self.on_complete.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(f) = hook {
             f(h);
@@ -399,6 +409,7 @@ impl Store {
     /// Removes a blob's index entry. Files go after the entry, so a crash in between leaves
     /// only orphans for the next open to sweep, never an entry without its bytes.
     fn remove_entry(&self, h: &Hash, m: &Meta) -> Result<()> {
+        self.unmark_verified(h);
         let mut b = sled::Batch::default();
         b.remove(&key(TAG_META, h)[..]);
         b.remove(&key(TAG_PRESENT, h)[..]);

@@ -374,6 +374,7 @@ impl Store {
 
     /// Drops groups that failed verification from a blob's present-set.
     pub(crate) fn drop_groups(&self, h: &Hash, m: &Meta, bad: &[u64]) -> Result<()> {
+        self.unmark_verified(h);
         let tree = Tree::new(m.size);
         if m.inline {
             return self.remove(h);
@@ -424,14 +425,18 @@ impl Store {
         }
         let mut reader = self.reader_for(h, &m)?;
         let mut counter = Counter { inner: out, n: 0 };
-        reader.encode_to(want, &mut counter).map_err(|source| match source {
-            bao::VerifyError::BadGroup { group } => reader_corrupt(h, &tree, group),
-            bao::VerifyError::BadPair { groups } => reader_corrupt(h, &tree, groups.start),
-            bao::VerifyError::Io(e) => StoreError::Io {
-                what: format!("cannot serve blob {h}"),
-                source: e,
-            },
-        })?;
+        reader
+            .encode_to(want, &mut counter)
+            .map_err(|source| match source {
+                bao::VerifyError::BadGroup { group } => reader_corrupt(h, &tree, group),
+                bao::VerifyError::BadPair { groups } => reader_corrupt(h, &tree, groups.start),
+                bao::VerifyError::Io(e) => StoreError::Io {
+                    what: format!("cannot serve blob {h}"),
+                    source: e,
+                },
+            })
+            // A bad group is dropped at the first failure: not served or claimed again.
+            .map_err(|e| self.note_corrupt(e))?;
         Ok(counter.n)
     }
 }
