@@ -579,7 +579,7 @@ impl Inner {
         let (store, checking) = (self.store.clone(), self.checking.clone());
         self.rt.spawn_blocking(move || {
             match store.check_for_passthrough(&h) {
-                Ok(true) => tracing::debug!(hash = %h, "verified whole: passthrough from the next open"),
+                Ok(true) => tracing::info!(hash = %h, "verified whole: passthrough from the next open"),
                 Ok(false) => tracing::warn!(hash = %h, "did not verify whole: reads stay in the daemon"),
                 Err(e) => tracing::warn!(hash = %h, "cannot check the blob: {e}"),
             }
