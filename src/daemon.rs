@@ -166,6 +166,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
         read_timeout: opts.read_timeout,
     };
     let mut session = None;
+    let mut fs_state = None;
     if let Some(dir) = &opts.mount {
         let fs = SwarmFs::new(
             store.clone(),
@@ -189,6 +190,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
             MountOption::CUSTOM("max_read=1048576".into()),
         ];
         cfg.n_threads = Some(2);
+        fs_state = Some(fs.inner());
         let s = fuser::Session::new(fs, dir, &cfg)
             .and_then(|s| s.spawn())
             .with_context(|| format!("cannot mount {}", dir.display()))?;
@@ -223,6 +225,13 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
     std::thread::sleep(opts.shutdown_delay);
 
     drop(control);
+    // Files still open for writing are committed as they stand: a clean stop loses nothing.
+    if let Some(fs) = &fs_state {
+        let n = fs.commit_all_open();
+        if n > 0 {
+            tracing::info!(files = n, "committed files that were open at shutdown");
+        }
+    }
     if let (Some(s), Some(dir)) = (session, &opts.mount) {
         // Unmount and wait for the FUSE threads, but never for long: a reader stuck on a
         // file (or a request still in flight) must not keep the daemon from stopping.

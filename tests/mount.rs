@@ -517,6 +517,62 @@ fn passthrough_never_hands_out_bytes_that_fail_verification() {
     drop(d);
 }
 
+/// A python process that writes `bytes` to `path`, fsyncs it (if `fsync`), says so, and then
+/// holds the file open until it is killed.
+fn hold_open_after_write(path: &Path, len: usize, fsync: bool) -> std::process::Child {
+    use std::io::BufRead;
+    let script = format!(
+        "import os, sys, time\nf = open(sys.argv[1], 'wb')\nf.write(bytes(i % 251 for i in range({len})))\nf.flush()\n{}print('ready', flush=True)\ntime.sleep(120)\n",
+        if fsync { "os.fsync(f.fileno())\n" } else { "" }
+    );
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .arg(path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    child
+}
+
+#[test]
+fn fsync_of_a_file_held_open_survives_kill_9_and_a_clean_stop_commits_open_files() {
+    let e = env();
+    let want = |len: usize| (0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>();
+    // fsync, then kill -9 while the file is still open.
+    let mut d = Daemon::start(&e.data, &e.mnt, &[]);
+    let mut holder = hold_open_after_write(&e.mnt.join("db"), 300_000, true);
+    d.kill9();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    drop(d); // (its stale mount goes now, not after the next daemon mounted)
+    let mut d = Daemon::start(&e.data, &e.mnt, &[]);
+    assert!(
+        fs::read(e.mnt.join("db")).unwrap() == want(300_000),
+        "fsynced content lost after kill -9"
+    );
+    // No fsync, then a clean stop while the file is still open: committed as it stands.
+    let mut holder = hold_open_after_write(&e.mnt.join("open"), 200_000, false);
+    assert_eq!(d.stop_with("INT"), Some(0));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let d = Daemon::start(&e.data, &e.mnt, &[]);
+    assert!(
+        !d.log_text().contains("never finished writing"),
+        "a clean stop left unfinished files: {}",
+        d.log_text()
+    );
+    assert!(
+        fs::read(e.mnt.join("open")).unwrap() == want(200_000),
+        "an open file was lost at a clean stop"
+    );
+    drop(d);
+}
+
 #[test]
 fn full_disk_gives_enospc_and_publishes_nothing() {
     let e = env();

@@ -333,7 +333,8 @@ async fn leechers_that_start_at_once_still_join_each_other() {
     let (h, _) = a.store.import_reader(&bytes[..], true).unwrap();
     a.net.provide(h).await;
     let b = node(&[&a.addr], false).await;
-    let c = node(&[&a.addr], false).await;
+    // C knows B's address (as peer exchange or the DHT would tell it).
+    let c = node(&[&a.addr, &b.addr], false).await;
     // C asks B to join before B knows anything of the blob: B answers "not found" ...
     c.net.join(h, b.net.peer_id());
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -356,7 +357,7 @@ async fn leechers_that_start_at_once_still_join_each_other() {
 async fn two_peers_that_join_each_other_at_once_stay_members() {
     let a = node(&[], false).await;
     let b = node(&[&a.addr], false).await;
-    let c = node(&[&a.addr], false).await;
+    let c = node(&[&a.addr, &b.addr], false).await;
     // Several blobs, as the race between the two streams goes either way.
     for round in 0..6u64 {
         let bytes = data((1 << 20) + 3, 70 + round);

@@ -204,6 +204,11 @@ fn io_errno(what: &str, e: std::io::Error) -> Errno {
 }
 
 impl SwarmFs {
+    /// A handle on the filesystem's state that outlives the FUSE session (for the shutdown).
+    pub fn inner(&self) -> Arc<Inner> {
+        self.0.clone()
+    }
+
     /// A filesystem over `store` and `names`; blocking work runs on `rt`.
     pub fn new(
         store: Arc<Store>,
@@ -508,6 +513,45 @@ impl Inner {
             Err(e) => return Err(e.into()),
         }
         Ok(())
+    }
+
+    /// `fsync` of a user file: its content as it stands is committed (stored as a blob and
+    /// named) even though it stays open, and the names are made durable.
+    pub(crate) fn sync_file(&self, ino: u64) -> Result<(), Errno> {
+        if let Some(o) = self.open_file(ino) {
+            let mut o = lock(&o.state);
+            if o.staging.is_some() || o.failed {
+                self.commit(ino, &mut o)?;
+            }
+        }
+        self.sync_names()
+    }
+
+    /// Makes every name change so far durable (the names share the index database, whose
+    /// flush covers both; committed blobs are durable already).
+    pub(crate) fn sync_names(&self) -> Result<(), Errno> {
+        self.names.flush().map_err(|e| {
+            tracing::error!("cannot flush the names table: {e}");
+            Errno::EIO
+        })
+    }
+
+    /// Commits every file open for writing as it stands (a clean stop); returns how many
+    /// were committed, and logs each that could not be.
+    pub fn commit_all_open(&self) -> usize {
+        let open: Vec<(u64, Arc<OpenEntry>)> = lock(&self.open).iter().map(|(i, o)| (*i, o.clone())).collect();
+        let mut n = 0;
+        for (ino, o) in open {
+            let mut o = lock(&o.state);
+            if o.staging.is_none() && self.node(ino).is_ok_and(|n| n.hash.is_some()) {
+                continue;
+            }
+            match self.commit(ino, &mut o) {
+                Ok(()) => n += 1,
+                Err(e) => tracing::error!(ino, "cannot commit a file open at shutdown: {e:?}"),
+            }
+        }
+        n
     }
 
     /// Changes a user file's length, whether or not it is open.

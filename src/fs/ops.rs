@@ -354,9 +354,20 @@ impl Filesystem for SwarmFs {
         });
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        // Content becomes durable, and published, when the file is closed.
-        reply.ok();
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // A promise: the content as it stands is stored, named and durable before the reply.
+        self.0.spawn(move |fs| match fs.sync_file(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // The folder's names, and every other name change so far, are made durable.
+        self.0.spawn(move |fs| match fs.sync_names() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        });
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
