@@ -426,3 +426,43 @@ async fn a_lookup_that_fails_verification_leaves_no_phantom_blob() {
     );
     assert!(reader.store.list().unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeder_drops_a_bad_group_at_the_first_failure_and_the_fill_still_completes() {
+    let a = node(&[], false).await;
+    let bytes = data(2 << 20, 85);
+    let (h, _) = a.store.import_reader(&bytes[..], true).unwrap();
+    // One group of A's copy goes bad on disk.
+    let path = a.store.dir().join("blobs").join(h.to_string());
+    let mut on_disk = std::fs::read(&path).unwrap();
+    on_disk[40 * 16384 + 5] ^= 1;
+    std::fs::write(&path, &on_disk).unwrap();
+    a.net.provide(h).await;
+    let good = node(&[&a.addr], false).await;
+    good.store.import_reader(&bytes[..], true).unwrap();
+    good.net.provide(h).await;
+    let reader = node(&[&a.addr, &good.addr], false).await;
+    // Asked for the unit that holds the bad group, A serves what verifies and stops there ...
+    let err = reader.net.fetch(a.net.peer_id(), h, vec![32..48]).await;
+    assert!(err.is_err() || err.as_ref().is_ok_and(|f| f.ranges.iter().all(|r| !r.contains(&40))));
+    // ... and drops the group at once: it no longer holds it, so it no longer serves it.
+    assert!(
+        !a.store.present_groups(&h).unwrap().contains(40),
+        "A still claims the bad group"
+    );
+    assert!(a.store.present_groups(&h).unwrap().contains(39));
+    // A whole fill from both completes, the bad group coming from the good peer.
+    let f = swarmfs::fetch::Fetcher::new(reader.net.clone(), reader.store.clone());
+    let size = f.size(h, Duration::from_secs(20)).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        f.fill(h, size, Duration::from_secs(20), &mut || ()),
+    )
+    .await
+    .expect("the fill did not hang")
+    .expect("the fill completed");
+    reader.store.sync_partial(&h).unwrap();
+    let mut out = Vec::new();
+    reader.store.cat(&h, &mut out).unwrap();
+    assert!(out == bytes);
+}
