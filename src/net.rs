@@ -956,10 +956,6 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
                         reannounce = Some(tokio::time::Instant::now() + REANNOUNCE_AFTER);
                     }
                 }
-                SwarmEvent::ExternalAddrConfirmed { address } => {
-                    tracing::info!("reachable at {address}");
-                    reannounce = Some(tokio::time::Instant::now() + REANNOUNCE_AFTER);
-                }
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                     if banned.lock().unwrap_or_else(|e| e.into_inner()).contains(&peer_id) {
                         let _ = swarm.disconnect_peer_id(peer_id);

@@ -315,7 +315,9 @@ impl Swarms {
     }
 
     /// Runs that members said they are fetching, lately and not yet settled by a HAVE: they
-    /// will soon be held there, so a seeder's upload is better spent on other groups.
+    /// will soon be held there, so a seeder's upload is better spent on other groups. A
+    /// member whose oldest hint has lapsed unsettled is found out here, and its hints are
+    /// ignored from then on.
     pub fn fetching(&self, h: &Hash) -> Vec<Range<u64>> {
         let now = Instant::now();
         let mut blobs = lock(&self.blobs);

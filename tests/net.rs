@@ -69,6 +69,26 @@ async fn until_found(node: &Node, h: Hash, p: libp2p::PeerId) -> Vec<libp2p::Pee
 
 /// Fetches a whole blob from `peer`: the first group tells the size, then the rest; then
 /// makes it durable (the network path leaves the fsync to a background task).
+/// Fills blob `h` on `node` from the swarm with `Fetcher::fill` (at most `limit`), then checks
+/// that the store holds exactly `bytes`; returns the units that arrived.
+async fn fill_whole(node: &Node, h: Hash, bytes: &[u8], limit: Duration) -> usize {
+    let f = swarmfs::fetch::Fetcher::new(node.net.clone(), node.store.clone());
+    let size = f
+        .size(h, Duration::from_secs(20))
+        .await
+        .expect("a provider gives the size");
+    let mut units = 0;
+    tokio::time::timeout(limit, f.fill(h, size, Duration::from_secs(20), &mut || units += 1))
+        .await
+        .expect("the fill did not hang")
+        .expect("the fill completed");
+    node.store.sync_partial(&h).unwrap();
+    let mut out = Vec::new();
+    node.store.cat(&h, &mut out).unwrap();
+    assert!(out == bytes);
+    units
+}
+
 async fn fetch_all(node: &Node, peer: libp2p::PeerId, h: Hash) -> Result<(), FetchError> {
     let net = &node.net;
     let first = net.fetch(peer, h, vec![0..1]).await?;
@@ -275,17 +295,7 @@ async fn a_fill_completes_from_a_peer_that_speaks_only_the_old_requests() {
     old.net.provide(h).await;
     let c = node(&[&old.addr], false).await;
     assert!(c.net.holding(old.net.peer_id(), h).await.is_err());
-    let f = swarmfs::fetch::Fetcher::new(c.net.clone(), c.store.clone());
-    let size = f.size(h, Duration::from_secs(20)).await.expect("the old peer has it");
-    let mut units = 0;
-    f.fill(h, size, Duration::from_secs(30), &mut || units += 1)
-        .await
-        .unwrap();
-    assert!(units > 0);
-    c.store.sync_partial(&h).unwrap();
-    let mut out = Vec::new();
-    c.store.cat(&h, &mut out).unwrap();
-    assert!(out == bytes);
+    assert!(fill_whole(&c, h, &bytes, Duration::from_secs(40)).await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,19 +317,7 @@ async fn a_member_that_claims_to_fetch_everything_keeps_nobody_off_the_seeder() 
     // unsettled; from then on B's claims are ignored and C takes the rest from A.
     let c = node(&[&a.addr], false).await;
     until_found(&c, h, b.net.peer_id()).await;
-    let f = swarmfs::fetch::Fetcher::new(c.net.clone(), c.store.clone());
-    let size = f.size(h, Duration::from_secs(20)).await.unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(40),
-        f.fill(h, size, Duration::from_secs(20), &mut || ()),
-    )
-    .await
-    .expect("the fill did not hang")
-    .expect("the fill completed");
-    c.store.sync_partial(&h).unwrap();
-    let mut out = Vec::new();
-    c.store.cat(&h, &mut out).unwrap();
-    assert!(out == bytes);
+    fill_whole(&c, h, &bytes, Duration::from_secs(40)).await;
     // B goes on claiming, and C goes on ignoring it.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(c.net.swarms.is_member(&h, &b.net.peer_id()));
@@ -452,17 +450,5 @@ async fn a_seeder_drops_a_bad_group_at_the_first_failure_and_the_fill_still_comp
     );
     assert!(a.store.present_groups(&h).unwrap().contains(39));
     // A whole fill from both completes, the bad group coming from the good peer.
-    let f = swarmfs::fetch::Fetcher::new(reader.net.clone(), reader.store.clone());
-    let size = f.size(h, Duration::from_secs(20)).await.unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        f.fill(h, size, Duration::from_secs(20), &mut || ()),
-    )
-    .await
-    .expect("the fill did not hang")
-    .expect("the fill completed");
-    reader.store.sync_partial(&h).unwrap();
-    let mut out = Vec::new();
-    reader.store.cat(&h, &mut out).unwrap();
-    assert!(out == bytes);
+    fill_whole(&reader, h, &bytes, Duration::from_secs(30)).await;
 }

@@ -127,8 +127,7 @@ impl Fetcher {
                 });
             }
             // How many members hold each unit or said they are fetching it, recounted when a
-            // have-map or hint changed.
-            // (Also every second, as hints lapse with age.)
+            // have-map or hint changed, and every second (hints lapse with age).
             let version = self.net.swarms.version();
             if counts.0 != version || last_count.elapsed() > Duration::from_secs(1) {
                 last_count = Instant::now();

@@ -137,7 +137,7 @@ pub struct Inner {
     /// The kernel agreed to passthrough (set in `init`).
     passthrough: AtomicBool,
     /// Blobs being verified whole in the background, before passthrough may read them.
-    checking: Arc<Mutex<std::collections::HashSet<Hash>>>,
+    checking: Mutex<std::collections::HashSet<Hash>>,
 }
 
 /// Forgets a file's staged length once its commit is over, whatever the outcome: by then the
@@ -233,7 +233,7 @@ impl SwarmFs {
             staged: Mutex::new(HashMap::new()),
             backing: Mutex::new(HashMap::new()),
             passthrough: AtomicBool::new(false),
-            checking: Arc::default(),
+            checking: Mutex::default(),
         }))
     }
 }
@@ -520,11 +520,17 @@ impl Inner {
     pub(crate) fn sync_file(&self, ino: u64) -> Result<(), Errno> {
         if let Some(o) = self.open_file(ino) {
             let mut o = lock(&o.state);
-            if o.staging.is_some() || o.failed {
+            if self.uncommitted(ino, &o) {
                 self.commit(ino, &mut o)?;
             }
         }
         self.sync_names()
+    }
+
+    /// True if an open file holds what its name does not: staged changes, a failed write to
+    /// report, or no content yet at all (a new file).
+    fn uncommitted(&self, ino: u64, o: &OpenFile) -> bool {
+        o.staging.is_some() || o.failed || self.node(ino).is_ok_and(|n| n.hash.is_none())
     }
 
     /// Makes every name change so far durable (the names share the index database, whose
@@ -543,7 +549,7 @@ impl Inner {
         let mut n = 0;
         for (ino, o) in open {
             let mut o = lock(&o.state);
-            if o.staging.is_none() && self.node(ino).is_ok_and(|n| n.hash.is_some()) {
+            if !self.uncommitted(ino, &o) {
                 continue;
             }
             match self.commit(ino, &mut o) {
@@ -584,7 +590,7 @@ impl Inner {
     }
 
     /// The backing file for passthrough of a complete blob, shared by all its open handles.
-    fn backing(&self, ino: u64, h: &Hash, reply: &fuser::ReplyOpen) -> Option<Arc<BackingId>> {
+    fn backing(self: &Arc<Self>, ino: u64, h: &Hash, reply: &fuser::ReplyOpen) -> Option<Arc<BackingId>> {
         if !self.passthrough.load(Ordering::Relaxed) {
             return None;
         }
@@ -616,18 +622,17 @@ impl Inner {
 
     /// Verifies complete blob `h` whole on the blocking pool (once at a time), so that later
     /// opens may use passthrough.
-    fn check_in_background(&self, h: Hash) {
+    fn check_in_background(self: &Arc<Self>, h: Hash) {
         if !matches!(self.store.complete_file(&h), Ok(Some(_))) || !lock(&self.checking).insert(h) {
             return;
         }
-        let (store, checking) = (self.store.clone(), self.checking.clone());
-        self.rt.spawn_blocking(move || {
-            match store.check_for_passthrough(&h) {
+        self.spawn(move |fs| {
+            match fs.store.check_for_passthrough(&h) {
                 Ok(true) => tracing::info!(hash = %h, "verified whole: passthrough from the next open"),
                 Ok(false) => tracing::warn!(hash = %h, "did not verify whole: reads stay in the daemon"),
                 Err(e) => tracing::warn!(hash = %h, "cannot check the blob: {e}"),
             }
-            checking.lock().unwrap_or_else(|e| e.into_inner()).remove(&h);
+            lock(&fs.checking).remove(&h);
         });
     }
 

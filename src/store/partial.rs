@@ -218,20 +218,20 @@ impl Store {
             }
             Ok(())
         });
+        let verdict = res.map_err(|e| match e {
+            bao::VerifyError::Io(e) => StoreError::Io {
+                what: format!("reading blob {h}"),
+                source: e,
+            },
+            source => {
+                tracing::warn!(hash = %h, "rejected data that failed verification: {source}");
+                StoreError::BadData { hash: *h, source }
+            }
+        });
         // A first answer that verified nothing leaves nothing behind: no entry under a size
         // that only the peer claimed.
         if runs.is_empty() && self.open_partial(h).is_none() && self.meta(h)?.is_none() {
-            return match res {
-                Ok(()) => Ok(Written::Partial),
-                Err(bao::VerifyError::Io(e)) => Err(StoreError::Io {
-                    what: format!("reading blob {h}"),
-                    source: e,
-                }),
-                Err(source) => {
-                    tracing::warn!(hash = %h, "rejected data that failed verification: {source}");
-                    Err(StoreError::BadData { hash: *h, source })
-                }
-            };
+            return verdict.map(|()| Written::Partial);
         }
         // Whatever verified is kept, even if the stream then failed.
         let p = self.partial(h, size)?;
@@ -261,19 +261,7 @@ impl Store {
         part.dirty += added;
         self.used.fetch_add(added, Ordering::Relaxed);
         written.ctx(|| format!("cannot store blob {h}"))?;
-        match res {
-            Ok(()) => {}
-            Err(bao::VerifyError::Io(e)) => {
-                return Err(StoreError::Io {
-                    what: format!("reading blob {h}"),
-                    source: e,
-                })
-            }
-            Err(source) => {
-                tracing::warn!(hash = %h, "rejected data that failed verification: {source}");
-                return Err(StoreError::BadData { hash: *h, source });
-            }
-        }
+        verdict?;
         Ok(if part.present.is_full() {
             Written::AllPresent
         } else if part.dirty >= FLUSH_BYTES && !part.sync_asked {

@@ -202,25 +202,29 @@ impl Store {
                     continue;
                 }
             };
-            // A data file cut short (or unreadable) fails the batch's read: check the groups
-            // one by one, so that each is judged on its own.
-            let singles: Vec<Expect> = match r.read_raw(&expect, &mut buf) {
-                Ok(()) => vec![expect],
-                Err(_) => expect.iter().map(|e| vec![*e]).collect(),
-            };
-            for exp in singles {
-                if exp.len() == 1 && r.read_raw(&exp, &mut buf).is_err() {
-                    if r.has(exp[0].0) {
-                        bad.push(exp[0].0);
-                    }
-                    continue;
-                }
-                // A bad pair leaves gaps in `expect`, so place each group by its index.
+            // The groups of `exp`, read into `buf`, against their values. A bad pair leaves gaps
+            // in `exp`, so each group is placed by its index.
+            let check = |exp: &Expect, buf: &[u8], bad: &mut Vec<u64>| {
                 let base = exp.first().map_or(0, |e| e.0);
-                for &(g, cv, is_root) in &exp {
+                for &(g, cv, is_root) in exp {
                     let at = ((g - base) * GROUP_SIZE) as usize;
                     if r.has(g) && group_cv(g, &buf[at..at + r.group_len(g)], is_root) != cv {
                         bad.push(g);
+                    }
+                }
+            };
+            match r.read_raw(&expect, &mut buf) {
+                Ok(()) => check(&expect, &buf, &mut bad),
+                // A data file cut short (or unreadable) fails the batch's read: judge each
+                // group on its own.
+                Err(_) => {
+                    for e in &expect {
+                        let one = vec![*e];
+                        match r.read_raw(&one, &mut buf) {
+                            Ok(()) => check(&one, &buf, &mut bad),
+                            Err(_) if r.has(e.0) => bad.push(e.0),
+                            Err(_) => {}
+                        }
                     }
                 }
             }
