@@ -574,6 +574,26 @@ fn fsync_of_a_file_held_open_survives_kill_9_and_a_clean_stop_commits_open_files
 }
 
 #[test]
+fn a_blob_read_after_a_restart_is_checked_in_the_background_for_passthrough() {
+    let e = env();
+    let d = Daemon::start(&e.data, &e.mnt, &[]);
+    let c = data(500_000, 95);
+    let h = add_file(&e.data, &write_file(&e.src, "f", &c));
+    drop(d);
+    // Not verified in the new daemon's life: the first read goes through it, and starts the
+    // check that lets later opens use passthrough.
+    let d = Daemon::start(&e.data, &e.mnt, &[]);
+    assert!(read_whole(&e.mnt.join(&h)).unwrap() == c);
+    assert!(
+        eventually(Duration::from_secs(10), || d.log_text().contains("verified whole")),
+        "no background check: {}",
+        d.log_text()
+    );
+    assert!(read_whole(&e.mnt.join(&h)).unwrap() == c);
+    drop(d);
+}
+
+#[test]
 fn full_disk_gives_enospc_and_publishes_nothing() {
     let e = env();
     fs::create_dir_all(&e.data).unwrap();
