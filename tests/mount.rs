@@ -724,3 +724,68 @@ fn a_second_ctrl_c_forces_the_exit() {
     drop(d);
     assert!(!is_mounted(&e.mnt));
 }
+
+#[test]
+fn a_file_open_for_reading_does_not_block_a_writer() {
+    let e = env();
+    let d = Daemon::start(&e.data, &e.mnt, &[]);
+    let f = e.mnt.join("log");
+    let orig = data(100_000, 41);
+    fs::write(&f, &orig).unwrap();
+    // Read once so that the next open could use passthrough.
+    assert!(fs::read(&f).unwrap() == orig);
+    // `exec 3< f; echo x >> f`, then truncation, seen through the reader's descriptor.
+    let script = r#"
+import os, sys
+f = sys.argv[1]
+r = os.open(f, os.O_RDONLY)
+before = os.pread(r, 1 << 20, 0)
+with open(f, 'ab') as w:
+    w.write(b'x\n')
+after = os.pread(r, 1 << 20, 0)
+assert after == before + b'x\n', ('append not seen', len(before), len(after))
+with open(f, 'r+b') as w:
+    w.truncate(10)
+assert os.pread(r, 1 << 20, 0) == before[:10], 'truncation not seen'
+assert os.fstat(r).st_size == 10
+print('ok')
+"#;
+    let mut c = std::process::Command::new("python3");
+    c.args(["-c", script]).arg(&f);
+    assert_eq!(ok(c).trim(), "ok");
+    // tail -f while appending.
+    fs::write(&f, &orig).unwrap();
+    let mut tail = std::process::Command::new("tail")
+        .args(["-n", "0", "-f"])
+        .arg(&f)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    sh(&format!("echo appended-line >> {}", f.display()));
+    let out = tail.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+    let _ = tail.kill();
+    let _ = tail.wait();
+    assert_eq!(line.trim(), "appended-line", "tail -f did not see the append");
+    // rsync --inplace over a file another descriptor holds open.
+    let mut changed = orig.clone();
+    changed[50_000..50_100].fill(7);
+    let src = write_file(&e.src, "log", &changed);
+    let holder = fs::File::open(&f).unwrap();
+    sh(&format!(
+        "rsync --inplace --no-whole-file {} {}",
+        src.display(),
+        f.display()
+    ));
+    assert!(fs::read(&f).unwrap() == changed, "rsync --inplace gave other content");
+    drop(holder);
+    drop(d);
+}

@@ -88,7 +88,6 @@ enum Handle {
         ino: u64,
         write: bool,
         reader: Mutex<Option<(Hash, BlobReader)>>,
-        _backing: Option<Arc<BackingId>>,
     },
 }
 

@@ -244,21 +244,15 @@ impl Filesystem for SwarmFs {
         if write {
             self.0.add_writer(ino.0, false);
         }
-        // A reader of a complete blob that nobody is writing can go straight to its file.
-        let backing = match (write, node.hash, self.0.open_file(ino.0)) {
-            (false, Some(h), None) => self.0.backing(ino.0, &h, &reply),
-            _ => None,
-        };
+        // A user file is never passed through: its content changes under open descriptors
+        // (an append, a truncation), which must see it, and the kernel refuses to mix
+        // passthrough and ordinary opens of one inode.
         let fh = self.0.new_fh(Handle::File {
             ino: ino.0,
             write,
             reader: Mutex::new(None),
-            _backing: backing.clone(),
         });
-        match backing {
-            Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
-            None => reply.opened(FileHandle(fh), FopenFlags::empty()),
-        }
+        reply.opened(FileHandle(fh), FopenFlags::empty());
     }
 
     fn read(
@@ -472,7 +466,6 @@ impl Filesystem for SwarmFs {
             ino,
             write: true,
             reader: Mutex::new(None),
-            _backing: None,
         });
         match self.0.attr(ino) {
             Ok((a, ttl)) => reply.created(&ttl, &a, Generation(0), FileHandle(fh), FopenFlags::empty()),
