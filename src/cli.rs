@@ -571,6 +571,12 @@ pub fn execute(
             let pin = matches!(cli.command, Command::Pin { .. });
             for h in &hashes {
                 store.set_pinned(h, pin)?;
+                if !pin {
+                    // Unpinned, but a name in the mount still holds it: say which.
+                    if let Some(name) = store.named(h)? {
+                        writeln!(out, "{h}: unpinned; still held by the name {name:?} in the mount")?;
+                    }
+                }
             }
             Ok(0)
         }
@@ -686,6 +692,9 @@ fn cat(store: &Store, h: &Hash, out: &mut (dyn Write + Send)) -> Result<u8> {
 
 fn ls(store: &Store, json: bool, out: &mut dyn Write) -> Result<u8> {
     let mut list = store.list()?;
+    for b in &mut list {
+        b.name = store.named(&b.hash)?;
+    }
     list.sort_by_key(|b| b.hash);
     if json {
         serde_json::to_writer_pretty(&mut *out, &list)?;
@@ -693,11 +702,16 @@ fn ls(store: &Store, json: bool, out: &mut dyn Write) -> Result<u8> {
         return Ok(0);
     }
     if io::stdout().is_terminal() {
-        writeln!(out, "{:<64}  {:>14}  {:>14}  PINNED", "HASH", "SIZE", "PRESENT")?;
+        writeln!(out, "{:<64}  {:>14}  {:>14}  PINNED  NAME", "HASH", "SIZE", "PRESENT")?;
     }
     for b in list {
         let pinned = if b.pinned { "pinned" } else { "-" };
-        writeln!(out, "{}  {:>14}  {:>14}  {pinned}", b.hash, b.size, b.present)?;
+        let name = b.name.as_deref().unwrap_or("-");
+        writeln!(
+            out,
+            "{}  {:>14}  {:>14}  {pinned:<6}  {name}",
+            b.hash, b.size, b.present
+        )?;
     }
     Ok(0)
 }

@@ -7,7 +7,13 @@
 //! 'n' ino(BE)             -> Node (JSON)
 //! 'c' parent(BE) name     -> ino(BE)      children, sorted by name
 //! 's'                     -> next inode number
+//! 'h' hash ino(BE)        -> ()           the blob a file holds, by file
+//! 'v'                     -> layout version (2 since the 'h' records)
 //! ```
+//!
+//! A name holds the blob it points to: the store never evicts a blob that an 'h' record names
+//! (`held_by`), and when the name is rewritten or removed the old blob is released, still
+//! cached and seeded until gc evicts it. The 'h' records change in the same batch as the node.
 //!
 //! Changes are applied as sled batches, so a rename or an unlink is atomic. They are flushed
 //! by sled's own timer (every second) and at shutdown, not on every call: a crash can lose
@@ -131,6 +137,57 @@ fn child_key(parent: u64, name: &[u8]) -> Vec<u8> {
     k
 }
 
+fn hold_key(h: &Hash, ino: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(41);
+    k.push(b'h');
+    k.extend_from_slice(h.as_bytes());
+    k.extend_from_slice(&ino.to_be_bytes());
+    k
+}
+
+/// The layout version this code writes.
+const VERSION: u8 = 2;
+
+/// Keeps the 'h' record of `ino` in step as its node goes from `old` to `new`.
+fn rehold(b: &mut sled::Batch, ino: u64, old: Option<&Node>, new: Option<&Node>) {
+    let held = |n: Option<&Node>| n.filter(|n| n.kind == Kind::File).and_then(|n| n.hash);
+    let (was, is) = (held(old), held(new));
+    if was == is {
+        return;
+    }
+    if let Some(h) = was {
+        b.remove(hold_key(&h, ino));
+    }
+    if let Some(h) = is {
+        b.insert(hold_key(&h, ino), &[][..]);
+    }
+}
+
+/// The inode of a name that holds blob `h`, if any. `tree` is the names table; the store
+/// asks this before it evicts anything.
+pub fn held_by(tree: &sled::Tree, h: &Hash) -> std::result::Result<Option<u64>, sled::Error> {
+    let mut prefix = vec![b'h'];
+    prefix.extend_from_slice(h.as_bytes());
+    Ok(match tree.scan_prefix(&prefix).next().transpose()? {
+        Some((k, _)) => k[33..].try_into().ok().map(u64::from_be_bytes),
+        None => None,
+    })
+}
+
+/// The path of `ino` from the mount's root (`a/b/c`), as far as it can be followed.
+pub fn path_of(tree: &sled::Tree, mut ino: u64) -> std::result::Result<Vec<u8>, sled::Error> {
+    let mut parts = Vec::new();
+    while ino != ROOT && parts.len() < 4096 {
+        let Some(n) = tree.get(node_key(ino))?.and_then(|v| decode(&v)) else {
+            break;
+        };
+        parts.push(n.name);
+        ino = n.parent;
+    }
+    parts.reverse();
+    Ok(parts.join(&b'/'))
+}
+
 fn decode(v: &[u8]) -> Option<Node> {
     serde_json::from_slice(v).ok()
 }
@@ -155,7 +212,38 @@ impl Names {
             let root = Node::new(ROOT, b"", Kind::Dir, 0o755, uid, gid);
             names.tree.insert(node_key(ROOT), encode(&root))?;
         }
+        if names
+            .tree
+            .get(b"v")?
+            .is_none_or(|v| v.first().is_none_or(|&v| v < VERSION))
+        {
+            names.index_holds()?;
+        }
         Ok(names)
+    }
+
+    /// Builds the 'h' records of a table written before they existed. Blobs the old layout
+    /// pinned for their names stay pinned (an explicit pin and a name's looked the same).
+    fn index_holds(&self) -> Result<()> {
+        let mut b = sled::Batch::default();
+        let mut n = 0;
+        for kv in self.tree.scan_prefix(b"n") {
+            let (k, v) = kv?;
+            if let (Ok(ino), Some(node)) = (<[u8; 8]>::try_from(&k[1..]), decode(&v)) {
+                rehold(&mut b, u64::from_be_bytes(ino), None, Some(&node));
+                n += 1;
+            }
+        }
+        b.insert(&b"v"[..], &[VERSION][..]);
+        self.tree.apply_batch(b)?;
+        self.tree.flush()?;
+        tracing::info!(names = n, "indexed the blobs each name holds");
+        Ok(())
+    }
+
+    /// The path of `ino` from the mount's root.
+    pub fn path(&self, ino: u64) -> Result<Vec<u8>> {
+        Ok(path_of(&self.tree, ino)?)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -214,6 +302,7 @@ impl Names {
         let mut b = sled::Batch::default();
         b.insert(&b"s"[..], &(ino + 1).to_be_bytes()[..]);
         b.insert(&node_key(ino)[..], encode(&node));
+        rehold(&mut b, ino, None, Some(&node));
         b.insert(ck, &ino.to_be_bytes()[..]);
         self.tree.apply_batch(b)?;
         Ok(ino)
@@ -222,9 +311,13 @@ impl Names {
     /// Changes a node in place with `f`, and returns the new node.
     pub fn update(&self, ino: u64, f: impl FnOnce(&mut Node)) -> Result<Node> {
         let _w = self.lock();
-        let mut n = self.get(ino)?.ok_or(NamesError::NotFound)?;
+        let old = self.get(ino)?.ok_or(NamesError::NotFound)?;
+        let mut n = old.clone();
         f(&mut n);
-        self.tree.insert(node_key(ino), encode(&n))?;
+        let mut b = sled::Batch::default();
+        b.insert(&node_key(ino)[..], encode(&n));
+        rehold(&mut b, ino, Some(&old), Some(&n));
+        self.tree.apply_batch(b)?;
         Ok(n)
     }
 
@@ -244,6 +337,7 @@ impl Names {
         let mut b = sled::Batch::default();
         b.remove(child_key(parent, name));
         b.remove(&node_key(ino)[..]);
+        rehold(&mut b, ino, Some(&n), None);
         self.tree.apply_batch(b)?;
         Ok((ino, n))
     }
@@ -289,6 +383,7 @@ impl Names {
                 _ => {}
             }
             b.remove(&node_key(*old_ino)[..]);
+            rehold(&mut b, *old_ino, Some(old), None);
         }
         b.remove(child_key(parent, name));
         n.parent = new_parent;
@@ -323,5 +418,57 @@ impl Names {
     pub fn flush(&self) -> Result<()> {
         self.tree.flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> sled::Tree {
+        sled::Config::new()
+            .temporary(true)
+            .open()
+            .unwrap()
+            .open_tree("names")
+            .unwrap()
+    }
+
+    #[test]
+    fn a_name_holds_its_blob_until_rewritten_removed_or_renamed_over() {
+        let tree = table();
+        let names = Names::open(tree.clone(), 0, 0).unwrap();
+        let (h1, h2) = (Hash::of(b"one"), Hash::of(b"two"));
+        let ino = names.create(Node::new(ROOT, b"f", Kind::File, 0o644, 0, 0)).unwrap();
+        assert_eq!(held_by(&tree, &h1).unwrap(), None);
+        names.update(ino, |n| n.hash = Some(h1)).unwrap();
+        assert_eq!(held_by(&tree, &h1).unwrap(), Some(ino));
+        names.update(ino, |n| n.hash = Some(h2)).unwrap();
+        assert_eq!(
+            held_by(&tree, &h1).unwrap(),
+            None,
+            "rewritten: the old blob is released"
+        );
+        let other = names.create(Node::new(ROOT, b"g", Kind::File, 0o644, 0, 0)).unwrap();
+        names.update(other, |n| n.hash = Some(h1)).unwrap();
+        names.rename(ROOT, b"g", ROOT, b"f", false).unwrap();
+        assert_eq!(held_by(&tree, &h2).unwrap(), None, "renamed over: released");
+        assert_eq!(held_by(&tree, &h1).unwrap(), Some(other));
+        assert_eq!(path_of(&tree, other).unwrap(), b"f");
+        names.remove(ROOT, b"f", false).unwrap();
+        assert_eq!(held_by(&tree, &h1).unwrap(), None, "removed: released");
+    }
+
+    #[test]
+    fn a_table_from_before_the_hold_records_is_indexed_at_open() {
+        let tree = table();
+        let h = Hash::of(b"old");
+        let mut n = Node::new(ROOT, b"old", Kind::File, 0o644, 0, 0);
+        n.hash = Some(h);
+        tree.insert(node_key(7), encode(&n)).unwrap();
+        tree.insert(child_key(ROOT, b"old"), &7u64.to_be_bytes()[..]).unwrap();
+        assert_eq!(held_by(&tree, &h).unwrap(), None);
+        Names::open(tree.clone(), 0, 0).unwrap();
+        assert_eq!(held_by(&tree, &h).unwrap(), Some(7));
     }
 }

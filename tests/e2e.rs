@@ -296,3 +296,34 @@ fn mdns_finds_a_peer_on_the_local_network() {
     ok(swarmfs(&db, &["get", &hash, "-o"]).arg(&out));
     assert_eq!(b3(&out), hash);
 }
+
+#[test]
+fn an_evicted_remote_blob_is_fetched_again() {
+    let seed = seeded(3);
+    let (a, b, src, hash) = (&seed.a, &seed.b, &seed.src, seed.hash.clone());
+    // B's cache is full of pinned data, so whatever it fetches is above the cap.
+    let db = Daemon::start(
+        &b.data,
+        &b.mnt,
+        &["--cache-size", "1000000", "--bootstrap", &addr_of(&a.data)],
+    );
+    let pinned = seed.root.path().join("pinned");
+    random_file(&pinned, 2);
+    add_file(&b.data, &pinned);
+    let want = fs::read(src).unwrap();
+    // Read while it completes: the reader holds it, so it is not evicted under it.
+    assert!(fs::read(b.mnt.join(&hash)).unwrap() == want, "first read");
+    // Evicted once nobody reads it (as it completes, or by gc); a later open looks it up and
+    // fetches it again.
+    let gone = eventually(Duration::from_secs(20), || {
+        ok(swarmfs(&b.data, &["gc"]));
+        !ok(swarmfs(&b.data, &["ls"])).contains(&hash)
+    });
+    assert!(gone, "the fetched blob should be evicted: {}", db.log_text());
+    assert!(
+        fs::read(b.mnt.join(&hash)).unwrap() == want,
+        "an evicted blob must be fetched again: {}",
+        db.log_text()
+    );
+    drop(db);
+}

@@ -258,7 +258,7 @@ fn restart_keeps_names_pins_and_content() {
         .iter()
         .find(|b| b["hash"] == b3(&f))
         .expect("blob listed");
-    assert_eq!(entry["pinned"], true);
+    assert_eq!(entry["name"], "docs/f", "the name holds its blob across a restart");
     drop(d);
 }
 
@@ -787,5 +787,88 @@ print('ok')
     ));
     assert!(fs::read(&f).unwrap() == changed, "rsync --inplace gave other content");
     drop(holder);
+    drop(d);
+}
+
+/// `swarmfs ls --json` of the daemon on `data`: (hash, bytes present, pinned) per blob.
+fn blobs(data: &Path) -> Vec<(String, u64, bool)> {
+    let ls: serde_json::Value = serde_json::from_str(&ok(swarmfs(data, &["ls", "--json"]))).unwrap();
+    ls.as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["hash"].as_str().unwrap().to_string(),
+                b["present"].as_u64().unwrap(),
+                b["pinned"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn names_release_the_blobs_they_held_and_gc_frees_them() {
+    let e = env();
+    let d = Daemon::start(&e.data, &e.mnt, &["--cache-size", "1000000"]);
+    let f = e.mnt.join("doc");
+    let mut last = Vec::new();
+    for i in 0..10 {
+        last = data(2 << 20, 700 + i);
+        fs::write(&f, &last).unwrap();
+    }
+    ok(swarmfs(&e.data, &["gc"]));
+    let held: u64 = blobs(&e.data).iter().map(|b| b.1).sum();
+    assert_eq!(
+        held,
+        2 << 20,
+        "ten saves then gc: only the current content stays: {:?}",
+        blobs(&e.data)
+    );
+    assert!(blobs(&e.data).iter().all(|b| !b.2), "a name is not a pin");
+    assert!(fs::read(&f).unwrap() == last);
+    // Removing the name releases its blob too.
+    fs::remove_file(&f).unwrap();
+    ok(swarmfs(&e.data, &["gc"]));
+    let held: u64 = blobs(&e.data).iter().map(|b| b.1).sum();
+    assert_eq!(held, 0, "a removed name's blob is evictable: {:?}", blobs(&e.data));
+    // A rename over a name releases the replaced one's blob.
+    fs::write(e.mnt.join("a"), data(2 << 20, 1)).unwrap();
+    fs::write(e.mnt.join("b"), data(2 << 20, 2)).unwrap();
+    fs::rename(e.mnt.join("a"), e.mnt.join("b")).unwrap();
+    ok(swarmfs(&e.data, &["gc"]));
+    let held: u64 = blobs(&e.data).iter().map(|b| b.1).sum();
+    assert_eq!(held, 2 << 20);
+    assert!(fs::read(e.mnt.join("b")).unwrap() == data(2 << 20, 1));
+    drop(d);
+}
+
+#[test]
+fn a_blob_a_name_holds_is_never_evicted() {
+    let e = env();
+    let d = Daemon::start(&e.data, &e.mnt, &["--cache-size", "1000"]);
+    fs::create_dir(e.mnt.join("photos")).unwrap();
+    let f = e.mnt.join("photos/cat.jpg");
+    let c = data(3 << 20, 77);
+    fs::write(&f, &c).unwrap();
+    let h = xattr_hash(&f);
+    ok(swarmfs(&e.data, &["pin", &h]));
+    let out = ok(swarmfs(&e.data, &["unpin", &h]));
+    assert!(
+        out.contains("photos/cat.jpg"),
+        "unpin names the name that holds it: {out}"
+    );
+    ok(swarmfs(&e.data, &["gc"]));
+    assert!(fs::read(&f).unwrap() == c, "gc removed the data behind a name");
+    assert!(read_whole(&e.mnt.join(&h)).unwrap() == c);
+    let ls = ok(swarmfs(&e.data, &["ls"]));
+    assert!(ls.contains("photos/cat.jpg"), "ls shows the name: {ls}");
+    // And after a restart (the holds are in the index, not in memory).
+    drop(d);
+    let d = Daemon::start(&e.data, &e.mnt, &["--cache-size", "1000"]);
+    ok(swarmfs(&e.data, &["gc"]));
+    assert!(
+        fs::read(&f).unwrap() == c,
+        "gc after a restart removed the data behind a name"
+    );
     drop(d);
 }

@@ -82,6 +82,8 @@ enum Handle {
         /// Read-ahead: the offset a sequential read would come next, and the window in
         /// groups, which doubles while reads stay sequential.
         ahead: Mutex<(u64, u64)>,
+        /// An open blob is never evicted under its reader.
+        _hold: Holding,
     },
     /// A user file; `write` if opened for writing.
     File {
@@ -89,6 +91,22 @@ enum Handle {
         write: bool,
         reader: Mutex<Option<(Hash, BlobReader)>>,
     },
+}
+
+/// Holds a blob against eviction for as long as a handle lives.
+struct Holding(Arc<Store>, Hash);
+
+impl Holding {
+    fn new(store: &Arc<Store>, h: Hash) -> Holding {
+        store.hold(&h);
+        Holding(store.clone(), h)
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.0.unhold(&self.1);
+    }
 }
 
 /// A user file with at least one handle open for writing.
@@ -389,7 +407,7 @@ impl Inner {
                 let mut r = lock(reader);
                 for attempt in 0..2 {
                     if r.is_none() || attempt > 0 {
-                        *r = Some(self.store.reader(hash).map_err(store_errno)?);
+                        *r = Some(self.blob_reader(hash)?);
                     }
                     let rd = r.as_mut().expect("just set");
                     match rd.read_at(off, size as usize) {
@@ -447,6 +465,30 @@ impl Inner {
         }
     }
 
+    /// A reader on blob `h`; a blob that is not local (evicted since it was looked up) is
+    /// looked up again among peers, like any remote hash.
+    fn blob_reader(&self, h: &Hash) -> Result<BlobReader, Errno> {
+        match self.store.reader(h) {
+            Err(StoreError::NotFound(_)) => {
+                tracing::info!(hash = %h, "not held here any more; looking it up again");
+                self.source.find(h, self.opts.lookup_timeout).ok_or(Errno::ENOENT)?;
+                self.store.reader(h).map_err(store_errno)
+            }
+            r => r.map_err(store_errno),
+        }
+    }
+
+    /// The attributes of blob `h`, looked up among peers if it is not local.
+    fn hash_attr_or_find(&self, h: &Hash) -> Result<FileAttr, Errno> {
+        if let Some(a) = self.hash_attr(h)? {
+            return Ok(a);
+        }
+        match self.source.find(h, self.opts.lookup_timeout) {
+            Some(_) => self.hash_attr(h)?.ok_or(Errno::ENOENT),
+            None => Err(Errno::ENOENT),
+        }
+    }
+
     /// The staged content of an open file, started from its committed content (the first
     /// `keep` bytes of it) on the first change.
     fn staging<'a>(&self, ino: u64, o: &'a mut OpenFile, keep: u64) -> Result<&'a mut Staging, Errno> {
@@ -491,12 +533,13 @@ impl Inner {
         let Some(s) = o.staging.take() else {
             // A new file closed without a write is the empty blob.
             if self.node(ino)?.hash.is_none() {
-                let (h, _) = self.store.import_reader(&[][..], true).map_err(store_errno)?;
+                let _held = self.store.hold_guard(Hash::of(&[]));
+                let (h, _) = self.store.import_reader(&[][..], false).map_err(store_errno)?;
                 self.names.update(ino, |n| n.hash = Some(h))?;
             }
             return Ok(());
         };
-        let (h, size) = self.store.commit_staged(s, true).map_err(store_errno)?;
+        let (h, size, _held) = self.store.commit_staged(s).map_err(store_errno)?;
         let touched = std::mem::take(&mut o.touched);
         match self.names.update(ino, |n| {
             n.hash = Some(h);
@@ -671,13 +714,7 @@ impl Inner {
     fn lookup(&self, parent: u64, name: &OsStr) -> Result<(FileAttr, Duration), Errno> {
         if parent == ROOT {
             if let Some(h) = name.to_str().and_then(Hash::parse_lowercase) {
-                if let Some(a) = self.hash_attr(&h)? {
-                    return Ok((a, HASH_TTL));
-                }
-                return match self.source.find(&h, self.opts.lookup_timeout) {
-                    Some(_) => self.hash_attr(&h)?.map(|a| (a, HASH_TTL)).ok_or(Errno::ENOENT),
-                    None => Err(Errno::ENOENT),
-                };
+                return Ok((self.hash_attr_or_find(&h)?, HASH_TTL));
             }
         }
         let (ino, n) = self.names.lookup(parent, name.as_bytes())?.ok_or(Errno::ENOENT)?;

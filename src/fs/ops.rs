@@ -14,7 +14,7 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use super::{lock, Handle, Inner, SwarmFs, HASH_XATTR};
+use super::{lock, Handle, Holding, Inner, SwarmFs, HASH_TTL, HASH_XATTR};
 use crate::names::{self, Kind, Node};
 
 /// Largest read and write we ask the kernel for.
@@ -75,6 +75,13 @@ impl Filesystem for SwarmFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Some(h) = self.0.ino_hash(ino.0) {
+            // A blob evicted since it was looked up is looked up again: never on this thread.
+            return self.0.spawn(move |fs| match fs.hash_attr_or_find(&h) {
+                Ok(a) => reply.attr(&HASH_TTL, &a),
+                Err(e) => reply.error(e),
+            });
+        }
         match self.0.attr(ino.0) {
             Ok((a, ttl)) => reply.attr(&ttl, &a),
             Err(e) => reply.error(e),
@@ -226,6 +233,7 @@ impl Filesystem for SwarmFs {
                 reader: Mutex::new(None),
                 _backing: backing.clone(),
                 ahead: Mutex::new((0, 0)),
+                _hold: Holding::new(&self.0.store, hash),
             });
             return match backing {
                 // The kernel refuses KEEP_CACHE with passthrough: the backing file's own page

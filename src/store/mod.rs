@@ -116,6 +116,9 @@ pub struct BlobInfo {
     /// The size shapes the tree, so a claimed size is only trusted once the blob's last group
     /// verified under it; true for every complete blob.
     pub size_verified: bool,
+    /// A name in the mount that holds the blob (filled in by `ls`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// How to open a store.
@@ -144,6 +147,23 @@ pub struct Store {
     on_complete: Mutex<Option<CompleteHook>>,
     /// Blob files that verified whole in this process's life, as they were then (`trust.rs`).
     verified: Mutex<HashMap<Hash, trust::Stamp>>,
+    /// The mount's names (`crate::names`): a blob a name holds is never evicted.
+    names: sled::Tree,
+    /// Blobs in use in this process (open readers, a commit naming its blob), with counts:
+    /// never evicted while held.
+    held: Mutex<HashMap<Hash, usize>>,
+}
+
+/// Holds a blob against eviction until dropped (see `Store::hold`).
+pub struct Held<'a> {
+    store: &'a Store,
+    hash: Hash,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.store.unhold(&self.hash);
+    }
 }
 
 type CompleteHook = Arc<dyn Fn(Hash) + Send + Sync>;
@@ -170,6 +190,10 @@ impl Store {
             })?;
         // sled makes its files as the umask says; their directory keeps them private.
         owner_only(&dir.join("index"))?;
+        let names = db.open_tree("names").map_err(|source| StoreError::Db {
+            dir: dir.to_owned(),
+            source,
+        })?;
         let store = Store {
             dir: dir.to_owned(),
             blobs,
@@ -183,6 +207,8 @@ impl Store {
             tmp_seq: AtomicU64::new(0),
             on_complete: Mutex::new(None),
             verified: Mutex::new(HashMap::new()),
+            names,
+            held: Mutex::new(HashMap::new()),
         };
         match opts.cache_size {
             Some(cap) => store.set_cache_size(cap)?,
@@ -362,6 +388,7 @@ impl Store {
             pinned: m.pinned,
             complete: m.complete,
             size_verified,
+            name: None,
         }
     }
 
@@ -375,6 +402,51 @@ impl Store {
             .map_err(|e| self.db_err(e))?;
         self.db.flush().map_err(|e| self.db_err(e))?;
         Ok(())
+    }
+
+    /// Holds blob `h` (present or not yet) against eviction until `unhold`; holds count.
+    pub fn hold(&self, h: &Hash) {
+        *self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(*h)
+            .or_default() += 1;
+    }
+
+    /// `hold` for as long as the guard lives.
+    pub fn hold_guard(&self, h: Hash) -> Held<'_> {
+        self.hold(&h);
+        Held { store: self, hash: h }
+    }
+
+    /// Ends one `hold` of `h`.
+    pub fn unhold(&self, h: &Hash) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.get_mut(h) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(h);
+            }
+        }
+    }
+
+    /// The path in the mount of a name that holds blob `h`, if any.
+    pub fn named(&self, h: &Hash) -> Result<Option<String>> {
+        let Some(ino) = crate::names::held_by(&self.names, h).map_err(|e| self.db_err(e))? else {
+            return Ok(None);
+        };
+        let p = crate::names::path_of(&self.names, ino).map_err(|e| self.db_err(e))?;
+        Ok(Some(String::from_utf8_lossy(&p).into_owned()))
+    }
+
+    /// Why blob `h` may not be evicted, if it may not: pinned, held by a name, or in use.
+    fn kept(&self, h: &Hash, m: &Meta) -> Result<bool> {
+        Ok(m.pinned
+            || self.held.lock().unwrap_or_else(|e| e.into_inner()).contains_key(h)
+            || crate::names::held_by(&self.names, h)
+                .map_err(|e| self.db_err(e))?
+                .is_some())
     }
 
     /// Marks a blob as just used, for the LRU order.
@@ -450,8 +522,9 @@ impl Store {
         Ok(())
     }
 
-    /// Evicts unpinned blobs, least recently used first, until the store fits its cap (or
-    /// nothing unpinned is left). Returns what was evicted.
+    /// Evicts blobs that are not kept (pinned, held by a name, or in use), least recently
+    /// used first, until the store fits its cap (or nothing else is left). Returns what was
+    /// evicted.
     pub fn gc(&self) -> Result<Vec<BlobInfo>> {
         let _w = self.lock_write();
         let cap = self.cache_size();
@@ -471,11 +544,21 @@ impl Store {
                 break;
             }
             let Some(m) = self.meta(&h)? else { continue };
-            if m.pinned {
+            if self.kept(&h, &m)? {
                 continue;
             }
             tracing::info!(hash = %h, bytes = m.present, "evicting");
-            evicted.push(self.blob_info(h, &m));
+            // From the index entry alone: a partial blob's own lock is never taken under the
+            // write lock (its sync takes them the other way round).
+            evicted.push(BlobInfo {
+                hash: h,
+                size: m.size,
+                present: m.present,
+                pinned: m.pinned,
+                complete: m.complete,
+                size_verified: m.complete,
+                name: None,
+            });
             self.remove_entry(&h, &m)?;
             self.used.fetch_sub(m.present, Ordering::Relaxed);
         }

@@ -13,7 +13,7 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use std::thread::JoinHandle;
 
 use super::import::{TempFile, BUF_SIZE};
-use super::{IoContext, Result, Store, INLINE_MAX};
+use super::{Held, IoContext, Result, Store, INLINE_MAX};
 use crate::hash::Hash;
 use crate::tree::{OutboardBuilder, GROUP_SIZE, PAIR_SIZE};
 
@@ -196,8 +196,9 @@ impl Store {
         Ok(s)
     }
 
-    /// Stores a staged file as a blob, pinned if `pin`, and returns its hash and size.
-    pub fn commit_staged(&self, mut s: Staging, pin: bool) -> Result<(Hash, u64)> {
+    /// Stores a staged file as a blob and returns its hash and size, with the blob held
+    /// against eviction until the caller has named it.
+    pub fn commit_staged(&self, mut s: Staging) -> Result<(Hash, u64, Held<'_>)> {
         let size = s.len;
         let streamed = match s.hasher.take() {
             Some(h) => h.finish().ok(),
@@ -217,8 +218,9 @@ impl Store {
                 .read_exact_at(&mut first, 0)
                 .ctx(|| "cannot read the staging file".into())?;
         }
-        self.commit_import(hash, size, s.data, s.ob, first, pin)?;
-        Ok((hash, size))
+        let held = self.hold_guard(hash);
+        self.commit_import(hash, size, s.data, s.ob, first, false)?;
+        Ok((hash, size, held))
     }
 
     /// Hashes a staged file in one pass into a fresh outboard.
