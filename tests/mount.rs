@@ -872,3 +872,47 @@ fn a_blob_a_name_holds_is_never_evicted() {
     );
     drop(d);
 }
+
+#[test]
+fn a_save_survives_kill_9_right_after_it_returns() {
+    let e = env();
+    let d = Daemon::start(&e.data, &e.mnt, &[]);
+    fs::write(e.mnt.join("note"), "old\n").unwrap();
+    drop(d);
+    let sync_script = "import os, sys\np = sys.argv[1]\nf = open(p, 'wb')\nf.write(bytes(i % 253 for i in range(10 << 20)))\nf.flush()\nos.fsync(f.fileno())\nf.close()\nd = os.open(os.path.dirname(p), os.O_RDONLY)\nos.fsync(d)\nos.sync()\n";
+    let synced: Vec<u8> = (0..10 << 20).map(|i| (i % 253) as u8).collect();
+    for round in 0..3u64 {
+        let big = write_file(&e.src, "big", &data(3 << 20, 40 + round));
+        let mut d = Daemon::start(&e.data, &e.mnt, &[]);
+        let mut py = std::process::Command::new("python3");
+        py.args(["-c", sync_script]).arg(e.mnt.join(format!("synced{round}")));
+        ok(py);
+        // Each save in turn is the last thing before the kill.
+        let (echo, cp) = (
+            format!("echo text{round} > {}/note", e.mnt.display()),
+            format!("cp {} {}/big{round}", big.display(), e.mnt.display()),
+        );
+        if round % 2 == 0 {
+            sh(&format!("{cp} && {echo}"));
+        } else {
+            sh(&format!("{echo} && {cp}"));
+        }
+        d.kill9();
+        drop(d);
+        let d = Daemon::start(&e.data, &e.mnt, &[]);
+        assert_eq!(
+            fs::read_to_string(e.mnt.join("note")).unwrap(),
+            format!("text{round}\n"),
+            "echo text > file, then kill -9 (round {round})"
+        );
+        assert!(
+            fs::read(e.mnt.join(format!("big{round}"))).ok() == Some(fs::read(&big).unwrap()),
+            "a cp that exited 0, then kill -9 (round {round})"
+        );
+        assert!(
+            fs::read(e.mnt.join(format!("synced{round}"))).ok() == Some(synced.clone()),
+            "fsync(file), close, fsync(folder), sync(), then kill -9 (round {round})"
+        );
+        drop(d);
+    }
+}

@@ -115,6 +115,8 @@ struct OpenFile {
     staging: Option<Staging>,
     /// Written since the last explicit mtime, so the commit stamps the time of writing.
     touched: bool,
+    /// Bytes were written since the last commit (not only a truncation).
+    written: bool,
     /// A write or truncate failed (a full disk): the staged content is not what the program
     /// wrote, so it must never be published.
     failed: bool,
@@ -358,6 +360,7 @@ impl Inner {
                 state: Mutex::new(OpenFile {
                     staging: None,
                     touched: new_file,
+                    written: false,
                     failed: false,
                 }),
             })
@@ -509,6 +512,7 @@ impl Inner {
         let o = self.open_file(ino).ok_or(Errno::EBADF)?;
         let mut o = lock(&o.state);
         o.touched = true;
+        o.written = true;
         let res = self.staging(ino, &mut o, u64::MAX).and_then(|s| {
             s.write_owned(off, data)
                 .map_err(|e| io_errno("writing a staged file", e))?;
@@ -539,6 +543,7 @@ impl Inner {
             }
             return Ok(());
         };
+        o.written = false;
         let (h, size, _held) = self.store.commit_staged(s).map_err(store_errno)?;
         let touched = std::mem::take(&mut o.touched);
         match self.names.update(ino, |n| {
@@ -549,12 +554,31 @@ impl Inner {
                 n.ctime = n.mtime;
             }
         }) {
-            Ok(_) => tracing::info!(hash = %h, size, ino, "stored a written file"),
+            Ok(_) => {
+                tracing::info!(hash = %h, size, ino, "stored a written file");
+                // A close that returned is a save: the name survives a crash from here on.
+                self.sync_names()?;
+            }
             // Unlinked while open: the blob is stored, there is just no name to point at it.
             Err(NamesError::NotFound) => {}
             Err(e) => return Err(e.into()),
         }
         Ok(())
+    }
+
+    /// `flush` (every close of a descriptor): commits what was written. A truncation with
+    /// nothing written after it (`echo text > f` closes a duplicate of its descriptor between
+    /// the two) waits for a write, the last release or an fsync, so that a crash never finds
+    /// the name empty in between.
+    pub(crate) fn flush_file(&self, ino: u64) -> Result<(), Errno> {
+        let Some(o) = self.open_file(ino) else {
+            return Ok(());
+        };
+        let mut o = lock(&o.state);
+        if o.staging.is_some() && !o.written && !o.failed && self.node(ino)?.hash.is_some() {
+            return Ok(());
+        }
+        self.commit(ino, &mut o)
     }
 
     /// `fsync` of a user file: its content as it stands is committed (stored as a blob and
@@ -612,6 +636,7 @@ impl Inner {
         let mut closed = OpenFile {
             staging: None,
             touched: true,
+            written: false,
             failed: false,
         };
         let mut guard = open.as_ref().map(|o| lock(&o.state));

@@ -316,15 +316,9 @@ impl Filesystem for SwarmFs {
             Ok(Handle::File { write: true, .. }) => {}
             _ => return reply.ok(),
         }
-        self.0.spawn(move |fs| {
-            let Some(o) = fs.open_file(ino.0) else {
-                return reply.ok();
-            };
-            let mut o = lock(&o.state);
-            match fs.commit(ino.0, &mut o) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            }
+        self.0.spawn(move |fs| match fs.flush_file(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         });
     }
 
