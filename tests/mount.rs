@@ -916,3 +916,54 @@ fn a_save_survives_kill_9_right_after_it_returns() {
         drop(d);
     }
 }
+
+#[test]
+fn unlinked_and_renamed_over_files_stay_usable_through_open_descriptors() {
+    let e = env();
+    let d = Daemon::start(&e.data, &e.mnt, &[]);
+    let script = r#"
+import os, sys, tempfile
+m = sys.argv[1]
+# tempfile.TemporaryFile: created, unlinked at once, then used.
+with tempfile.TemporaryFile(dir=m) as t:
+    t.write(b'hello' * 20000)
+    t.seek(0)
+    assert t.read() == b'hello' * 20000, 'TemporaryFile read'
+    assert os.fstat(t.fileno()).st_size == 100000
+# A committed file, unlinked while open for reading and writing.
+p = os.path.join(m, 'u')
+with open(p, 'wb') as f:
+    f.write(bytes(range(256)) * 400)
+fd = os.open(p, os.O_RDWR)
+os.unlink(p)
+assert not os.path.exists(p)
+assert os.pread(fd, 1 << 20, 0) == bytes(range(256)) * 400, 'read after unlink'
+os.pwrite(fd, b'tail', 102400)
+st = os.fstat(fd)
+assert st.st_size == 102404 and st.st_nlink == 0, (st.st_size, st.st_nlink)
+assert os.pread(fd, 4, 102400) == b'tail'
+os.close(fd)
+# Renamed over: the old descriptor keeps the old content.
+a, b = os.path.join(m, 'a'), os.path.join(m, 'b')
+with open(a, 'wb') as f: f.write(b'A' * 50000)
+with open(b, 'wb') as f: f.write(b'B' * 50000)
+fd = os.open(b, os.O_RDONLY)
+os.rename(a, b)
+assert os.pread(fd, 1 << 20, 0) == b'B' * 50000, 'read after rename over'
+os.fstat(fd)
+os.close(fd)
+with open(b, 'rb') as f: assert f.read() == b'A' * 50000
+print('ok')
+"#;
+    let mut c = std::process::Command::new("python3");
+    c.args(["-c", script]).arg(&e.mnt);
+    assert_eq!(ok(c).trim(), "ok");
+    // Nothing of the unlinked files is left behind as a name.
+    let names: Vec<_> = fs::read_dir(&e.mnt)
+        .unwrap()
+        .map(|d| d.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.len() != 64)
+        .collect();
+    assert_eq!(names, vec!["b".to_string()]);
+    drop(d);
+}

@@ -157,6 +157,10 @@ pub struct Inner {
     passthrough: AtomicBool,
     /// Blobs being verified whole in the background, before passthrough may read them.
     checking: Mutex<std::collections::HashSet<Hash>>,
+    /// Files removed from the names (unlink, rename over) while descriptors had them open:
+    /// kept in memory, with their blob held, until the last of those is released. Nothing
+    /// written to them is published.
+    orphans: Mutex<HashMap<u64, (Node, Option<Holding>)>>,
 }
 
 /// Forgets a file's staged length once its commit is over, whatever the outcome: by then the
@@ -253,6 +257,7 @@ impl SwarmFs {
             backing: Mutex::new(HashMap::new()),
             passthrough: AtomicBool::new(false),
             checking: Mutex::default(),
+            orphans: Mutex::default(),
         }))
     }
 }
@@ -339,12 +344,64 @@ impl Inner {
         if let Some(h) = self.ino_hash(ino) {
             return self.hash_attr(&h)?.map(|a| (a, HASH_TTL)).ok_or(Errno::ENOENT);
         }
-        let n = self.names.get(ino)?.ok_or(Errno::ENOENT)?;
-        Ok((self.node_attr(ino, &n), NAME_TTL))
+        if let Some(n) = self.names.get(ino)? {
+            return Ok((self.node_attr(ino, &n), NAME_TTL));
+        }
+        let n = self.orphan_node(ino).ok_or(Errno::ENOENT)?;
+        let mut a = self.node_attr(ino, &n);
+        a.nlink = 0;
+        Ok((a, NAME_TTL))
     }
 
+    /// The node of a name, or of a removed file that is still open.
     fn node(&self, ino: u64) -> Result<Node, Errno> {
-        self.names.get(ino)?.ok_or(Errno::ENOENT)
+        match self.names.get(ino)? {
+            Some(n) => Ok(n),
+            None => self.orphan_node(ino).ok_or(Errno::ENOENT),
+        }
+    }
+
+    fn orphan_node(&self, ino: u64) -> Option<Node> {
+        lock(&self.orphans).get(&ino).map(|(n, _)| n.clone())
+    }
+
+    fn is_orphan(&self, ino: u64) -> bool {
+        lock(&self.orphans).contains_key(&ino)
+    }
+
+    /// Changes a node, whether it is a name or a removed file still open.
+    pub(crate) fn update_node(&self, ino: u64, f: impl FnOnce(&mut Node)) -> Result<Node, Errno> {
+        if let Some((n, _)) = lock(&self.orphans).get_mut(&ino) {
+            f(n);
+            return Ok(n.clone());
+        }
+        Ok(self.names.update(ino, f)?)
+    }
+
+    /// True if a file handle on `ino` is open.
+    fn has_handles(&self, ino: u64) -> bool {
+        lock(&self.handles)
+            .values()
+            .any(|h| matches!(**h, Handle::File { ino: i, .. } if i == ino))
+    }
+
+    /// A file was just removed from the names (unlink, or renamed over): if descriptors still
+    /// have it open, it lives on for them until the last is released.
+    pub(crate) fn removed(&self, ino: u64, node: Node) {
+        if node.kind != Kind::File || !self.has_handles(ino) {
+            return;
+        }
+        let hold = node.hash.map(|h| Holding::new(&self.store, h));
+        lock(&self.orphans).insert(ino, (node, hold));
+    }
+
+    /// A file handle on `ino` was released: a removed file goes with its last handle.
+    pub(crate) fn released(&self, ino: u64) {
+        if self.is_orphan(ino) && !self.has_handles(ino) {
+            lock(&self.orphans).remove(&ino);
+            lock(&self.open).remove(&ino);
+            lock(&self.staged).remove(&ino);
+        }
     }
 
     fn open_file(&self, ino: u64) -> Option<Arc<OpenEntry>> {
@@ -372,9 +429,10 @@ impl Inner {
     fn remove_writer(&self, ino: u64) -> Option<Arc<OpenEntry>> {
         let mut open = lock(&self.open);
         let e = open.get(&ino)?;
-        if e.writers.fetch_sub(1, Ordering::Relaxed) == 1 {
+        if e.writers.fetch_sub(1, Ordering::Relaxed) == 1 && !self.is_orphan(ino) {
             return open.remove(&ino);
         }
+        // (A removed file keeps its staged bytes for its readers until `released`.)
         None
     }
 
@@ -526,6 +584,11 @@ impl Inner {
     /// Stores an open file's staged content as a blob, pins it, and points the name at it.
     /// Nothing is published if this fails.
     fn commit(&self, ino: u64, o: &mut OpenFile) -> Result<(), Errno> {
+        if self.is_orphan(ino) {
+            // Removed while open: no name to publish under; the staged bytes serve the
+            // descriptors still open and go with the last of them.
+            return Ok(());
+        }
         let _unstage = Unstage(self, ino);
         if o.failed {
             // Drop the staged bytes; the name keeps what it had.

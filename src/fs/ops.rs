@@ -115,7 +115,7 @@ impl Filesystem for SwarmFs {
                     fs.truncate(ino.0, len)?;
                 }
                 if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
-                    fs.names.update(ino.0, |n| {
+                    fs.update_node(ino.0, |n| {
                         if let Some(m) = mode {
                             n.perm = m & 0o7777;
                         }
@@ -169,7 +169,10 @@ impl Filesystem for SwarmFs {
             return reply.error(Errno::EROFS);
         }
         match self.0.names.remove(parent.0, name.as_bytes(), false) {
-            Ok(_) => reply.ok(),
+            Ok((ino, node)) => {
+                self.0.removed(ino, node);
+                reply.ok()
+            }
             Err(e) => reply.error(e.into()),
         }
     }
@@ -216,7 +219,12 @@ impl Filesystem for SwarmFs {
             .names
             .rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), no_replace)
         {
-            Ok(_) => reply.ok(),
+            Ok(replaced) => {
+                if let Some((ino, node)) = replaced {
+                    self.0.removed(ino, node);
+                }
+                reply.ok()
+            }
             Err(e) => reply.error(e.into()),
         }
     }
@@ -336,6 +344,7 @@ impl Filesystem for SwarmFs {
             return reply.ok();
         };
         if !matches!(*h, Handle::File { write: true, .. }) {
+            self.0.released(ino.0);
             return reply.ok();
         }
         self.0.spawn(move |fs| {
@@ -343,6 +352,7 @@ impl Filesystem for SwarmFs {
                 Some(last) => fs.commit(ino.0, &mut lock(&last.state)),
                 None => Ok(()),
             };
+            fs.released(ino.0);
             match res {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
