@@ -168,13 +168,20 @@ impl Filesystem for SwarmFs {
         if Inner::reserved(parent.0, name) {
             return reply.error(Errno::EROFS);
         }
-        match self.0.names.remove(parent.0, name.as_bytes(), false) {
-            Ok((ino, node)) => {
-                self.0.removed(ino, node);
-                reply.ok()
-            }
-            Err(e) => reply.error(e.into()),
-        }
+        let name = name.to_owned();
+        // Made durable before the reply (sqlite's commit ends by deleting its journal): on the
+        // blocking pool, since a flush waits on the disk.
+        self.0
+            .spawn(move |fs| match fs.names.remove(parent.0, name.as_bytes(), false) {
+                Ok((ino, node)) => {
+                    fs.removed(ino, node);
+                    match fs.sync_names() {
+                        Ok(()) => reply.ok(),
+                        Err(e) => reply.error(e),
+                    }
+                }
+                Err(e) => reply.error(e.into()),
+            });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -214,19 +221,25 @@ impl Filesystem for SwarmFs {
             return reply.error(Errno::EINVAL);
         }
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
-        match self
-            .0
-            .names
-            .rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), no_replace)
-        {
-            Ok(replaced) => {
-                if let Some((ino, node)) = replaced {
-                    self.0.removed(ino, node);
+        let (name, newname) = (name.to_owned(), newname.to_owned());
+        // Durable before the reply, like unlink: a rename is how editors save.
+        self.0.spawn(move |fs| {
+            match fs
+                .names
+                .rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), no_replace)
+            {
+                Ok(replaced) => {
+                    if let Some((ino, node)) = replaced {
+                        fs.removed(ino, node);
+                    }
+                    match fs.sync_names() {
+                        Ok(()) => reply.ok(),
+                        Err(e) => reply.error(e),
+                    }
                 }
-                reply.ok()
+                Err(e) => reply.error(e.into()),
             }
-            Err(e) => reply.error(e.into()),
-        }
+        });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
