@@ -431,11 +431,23 @@ impl Fetcher {
                 tokio::spawn(async move { me.unit(h, u, r, deadline, urgent).await })
             })
             .collect();
-        let mut ok = true;
-        for t in tasks {
-            ok &= matches!(t.await, Ok(true));
+        // Done as soon as `want` is present, though a unit may still be busy: one bad group
+        // on a peer must not hold back the healthy groups of its unit that the caller wants
+        // (its unit goes on looking for that group until the deadline).
+        let present = || self.store.missing(&h, want.clone()).is_ok_and(|m| m.is_empty());
+        for mut t in tasks {
+            loop {
+                tokio::select! {
+                    _ = &mut t => break,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                        if present() {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
         }
-        if ok && self.store.missing(&h, want.clone())?.is_empty() {
+        if present() {
             Ok(())
         } else {
             Err(GetError::Timeout { hash: h, groups: want })

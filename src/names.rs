@@ -231,13 +231,15 @@ impl Names {
             let (k, v) = kv?;
             if let (Ok(ino), Some(node)) = (<[u8; 8]>::try_from(&k[1..]), decode(&v)) {
                 rehold(&mut b, u64::from_be_bytes(ino), None, Some(&node));
-                n += 1;
+                n += usize::from(node.hash.is_some());
             }
         }
         b.insert(&b"v"[..], &[VERSION][..]);
         self.tree.apply_batch(b)?;
         self.tree.flush()?;
-        tracing::info!(names = n, "indexed the blobs each name holds");
+        if n > 0 {
+            tracing::info!(files = n, "indexed the blobs each name holds");
+        }
         Ok(())
     }
 

@@ -327,3 +327,47 @@ fn an_evicted_remote_blob_is_fetched_again() {
     );
     drop(db);
 }
+
+#[test]
+fn one_bad_group_on_the_only_seeder_costs_one_group() {
+    use std::os::unix::fs::FileExt;
+    let seed = seeded(1);
+    let (a, b, src, hash) = (&seed.a, &seed.b, &seed.src, seed.hash.clone());
+    // Group 5 of A's copy is damaged on disk.
+    let blob = a.data.join("blobs").join(&hash);
+    let f = fs::OpenOptions::new().read(true).write(true).open(&blob).unwrap();
+    let mut byte = [0u8; 1];
+    f.read_exact_at(&mut byte, 5 * 16384 + 7).unwrap();
+    f.write_all_at(&[byte[0] ^ 1], 5 * 16384 + 7).unwrap();
+    drop(f);
+    let db = Daemon::start(
+        &b.data,
+        &b.mnt,
+        &["--read-timeout", "5", "--bootstrap", &addr_of(&a.data)],
+    );
+    let want = fs::read(src).unwrap();
+    let r = fs::File::open(b.mnt.join(&hash)).unwrap();
+    // Group 10 shares group 5's 256 KiB unit: it comes at once, from the healthy part.
+    let t = Instant::now();
+    let mut got = vec![0u8; 16384];
+    r.read_exact_at(&mut got, 10 * 16384).unwrap();
+    assert!(got[..] == want[10 * 16384..11 * 16384], "group 10");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "a healthy group of a unit with a bad one took {:?}: {}",
+        t.elapsed(),
+        db.log_text()
+    );
+    // Every healthy group reads right; the bad one alone is EIO.
+    for g in (0..64u64).filter(|&g| g != 5) {
+        r.read_exact_at(&mut got, g * 16384).unwrap();
+        assert!(
+            got[..] == want[(g * 16384) as usize..((g + 1) * 16384) as usize],
+            "group {g}"
+        );
+    }
+    let err = r.read_exact_at(&mut got, 5 * 16384).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "the bad group is EIO");
+    drop(r);
+    drop(db);
+}
