@@ -593,18 +593,23 @@ fn a_blob_read_after_a_restart_is_checked_in_the_background_for_passthrough() {
     drop(d);
 }
 
-#[test]
-fn full_disk_gives_enospc_and_publishes_nothing() {
-    let e = env();
-    fs::create_dir_all(&e.data).unwrap();
-    sh(&format!("mount -t tmpfs -o size=24m swarmfs-test {}", e.data.display()));
+/// A 24 MiB tmpfs mounted on `dir` until the guard drops.
+fn small_disk(dir: &Path) -> impl Drop + '_ {
     struct Unmount<'a>(&'a Path);
     impl Drop for Unmount<'_> {
         fn drop(&mut self) {
             let _ = std::process::Command::new("umount").arg("-l").arg(self.0).status();
         }
     }
-    let _tmpfs = Unmount(&e.data);
+    fs::create_dir_all(dir).unwrap();
+    sh(&format!("mount -t tmpfs -o size=24m swarmfs-test {}", dir.display()));
+    Unmount(dir)
+}
+
+#[test]
+fn full_disk_gives_enospc_and_publishes_nothing() {
+    let e = env();
+    let _tmpfs = small_disk(&e.data);
     let d = Daemon::start(&e.data, &e.mnt, &[]);
     let small = write_file(&e.src, "small", b"fits\n");
     sh(&format!("cp {} {}/keep", small.display(), e.mnt.display()));
@@ -972,15 +977,7 @@ print('ok')
 #[ignore = "issue 10 item 5 is not built: sled keeps its first ENOSPC as a global error until reopened"]
 fn a_full_index_recovers_once_space_is_freed_and_loses_nothing_acknowledged() {
     let e = env();
-    fs::create_dir_all(&e.data).unwrap();
-    sh(&format!("mount -t tmpfs -o size=24m swarmfs-test {}", e.data.display()));
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(self.0).status();
-        }
-    }
-    let _tmpfs = Unmount(&e.data);
+    let _tmpfs = small_disk(&e.data);
     let d = Daemon::start(&e.data, &e.mnt, &[]);
     // Fill the disk under the daemon, outside its reach.
     let filler = e.data.join("filler");
