@@ -15,9 +15,10 @@
 //! (`held_by`), and when the name is rewritten or removed the old blob is released, still
 //! cached and seeded until gc evicts it. The 'h' records change in the same batch as the node.
 //!
-//! Changes are applied as sled batches, so a rename or an unlink is atomic. They are flushed
-//! by sled's own timer (every second) and at shutdown, not on every call: a crash can lose
-//! the last second of renames, never a blob.
+//! Changes are applied as sled batches, so a rename or an unlink is atomic. The filesystem
+//! flushes them at every save (a close that commits), unlink, rename, fsync and fsyncdir;
+//! other changes (mkdir, symlink, chmod) wait for sled's own timer (every second) or the next
+//! of those, so a crash can lose the last second of them, never a blob.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -241,11 +242,6 @@ impl Names {
             tracing::info!(files = n, "indexed the blobs each name holds");
         }
         Ok(())
-    }
-
-    /// The path of `ino` from the mount's root.
-    pub fn path(&self, ino: u64) -> Result<Vec<u8>> {
-        Ok(path_of(&self.tree, ino)?)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {

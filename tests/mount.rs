@@ -517,16 +517,15 @@ fn passthrough_never_hands_out_bytes_that_fail_verification() {
     drop(d);
 }
 
-/// A python process that writes `bytes` to `path`, fsyncs it (if `fsync`), says so, and then
-/// holds the file open until it is killed.
-fn hold_open_after_write(path: &Path, len: usize, fsync: bool) -> std::process::Child {
+/// A python process that runs `script` on `path`, prints `ready` when it has done what must
+/// survive, and then holds its files open until it is killed.
+fn python_until_killed(script: &str, path: &Path) -> std::process::Child {
     use std::io::BufRead;
-    let script = format!(
-        "import os, sys, time\nf = open(sys.argv[1], 'wb')\nf.write(bytes(i % 251 for i in range({len})))\nf.flush()\n{}print('ready', flush=True)\ntime.sleep(120)\n",
-        if fsync { "os.fsync(f.fileno())\n" } else { "" }
-    );
     let mut child = std::process::Command::new("python3")
-        .args(["-c", &script])
+        .args([
+            "-c",
+            &format!("{script}print('ready', flush=True)\nimport time\ntime.sleep(120)\n"),
+        ])
         .arg(path)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -537,6 +536,15 @@ fn hold_open_after_write(path: &Path, len: usize, fsync: bool) -> std::process::
         .unwrap();
     assert_eq!(line.trim(), "ready");
     child
+}
+
+/// Writes `len` bytes to `path`, fsyncs them (if `fsync`), and holds the file open.
+fn hold_open_after_write(path: &Path, len: usize, fsync: bool) -> std::process::Child {
+    let script = format!(
+        "import os, sys\nf = open(sys.argv[1], 'wb')\nf.write(bytes(i % 251 for i in range({len})))\nf.flush()\n{}",
+        if fsync { "os.fsync(f.fileno())\n" } else { "" }
+    );
+    python_until_killed(&script, path)
 }
 
 #[test]
@@ -1023,25 +1031,13 @@ fn a_full_index_recovers_once_space_is_freed_and_loses_nothing_acknowledged() {
     drop(d);
 }
 
-/// A python process that commits `rows` rows to a sqlite database at `path` (adding to what
-/// is there), says so, and holds the connection open until it is killed.
+/// Commits `rows` rows to a sqlite database at `path` (adding to what is there), and holds
+/// the connection open.
 fn sqlite_commit_and_hold(path: &Path, rows: u32) -> std::process::Child {
-    use std::io::BufRead;
     let script = format!(
-        "import sqlite3, sys, time\nc = sqlite3.connect(sys.argv[1])\nc.execute('create table if not exists t (i integer, s text)')\nwith c:\n    c.executemany('insert into t values (?, ?)', [(i, 'row %d' % i) for i in range({rows})])\nprint('committed', flush=True)\ntime.sleep(120)\n"
+        "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nc.execute('create table if not exists t (i integer, s text)')\nwith c:\n    c.executemany('insert into t values (?, ?)', [(i, 'row %d' % i) for i in range({rows})])\n"
     );
-    let mut child = std::process::Command::new("python3")
-        .args(["-c", &script])
-        .arg(path)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "committed");
-    child
+    python_until_killed(&script, path)
 }
 
 /// The rows in table `t` of the database at `path`, after an integrity check.

@@ -581,8 +581,8 @@ impl Inner {
         res
     }
 
-    /// Stores an open file's staged content as a blob, pins it, and points the name at it.
-    /// Nothing is published if this fails.
+    /// Stores an open file's staged content as a blob, points the name at it (the name now
+    /// holds the blob) and makes the name durable. Nothing is published if this fails.
     fn commit(&self, ino: u64, o: &mut OpenFile) -> Result<(), Errno> {
         if self.is_orphan(ino) {
             // Removed while open: no name to publish under; the staged bytes serve the
