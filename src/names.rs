@@ -17,8 +17,9 @@
 //!
 //! Changes are applied as sled batches, so a rename or an unlink is atomic. The filesystem
 //! flushes them at every save (a close that commits), unlink, rename, fsync and fsyncdir;
-//! other changes (mkdir, symlink, chmod) wait for sled's own timer (every second) or the next
-//! of those, so a crash can lose the last second of them, never a blob.
+//! other changes (mkdir, symlink, chmod) wait for the index's timer (every second) or the next
+//! of those, so a crash can lose the last second of them, never a blob. A full disk loses
+//! none of them: the index keeps them until it can write them (`store/index.rs`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -27,6 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::hash::Hash;
+use crate::store::Table;
 
 /// The root directory's inode number.
 pub const ROOT: u64 = 1;
@@ -117,7 +119,7 @@ type Result<T> = std::result::Result<T, NamesError>;
 
 /// The table of names.
 pub struct Names {
-    tree: sled::Tree,
+    tree: Table,
     next: AtomicU64,
     /// Serialises changes that read and then write several records (rename, unlink).
     write: Mutex<()>,
@@ -166,7 +168,7 @@ fn rehold(b: &mut sled::Batch, ino: u64, old: Option<&Node>, new: Option<&Node>)
 
 /// The inode of a name that holds blob `h`, if any. `tree` is the names table; the store
 /// asks this before it evicts anything.
-pub fn held_by(tree: &sled::Tree, h: &Hash) -> std::result::Result<Option<u64>, sled::Error> {
+pub fn held_by(tree: &Table, h: &Hash) -> std::result::Result<Option<u64>, sled::Error> {
     let mut prefix = vec![b'h'];
     prefix.extend_from_slice(h.as_bytes());
     Ok(match tree.scan_prefix(&prefix).next().transpose()? {
@@ -176,7 +178,7 @@ pub fn held_by(tree: &sled::Tree, h: &Hash) -> std::result::Result<Option<u64>, 
 }
 
 /// The path of `ino` from the mount's root (`a/b/c`), as far as it can be followed.
-pub fn path_of(tree: &sled::Tree, mut ino: u64) -> std::result::Result<Vec<u8>, sled::Error> {
+pub fn path_of(tree: &Table, mut ino: u64) -> std::result::Result<Vec<u8>, sled::Error> {
     let mut parts = Vec::new();
     while ino != ROOT && parts.len() < 4096 {
         let Some(n) = tree.get(node_key(ino))?.and_then(|v| decode(&v)) else {
@@ -199,7 +201,7 @@ fn encode(n: &Node) -> Vec<u8> {
 
 impl Names {
     /// Opens the table, creating the root folder the first time.
-    pub fn open(tree: sled::Tree, uid: u32, gid: u32) -> Result<Names> {
+    pub fn open(tree: Table, uid: u32, gid: u32) -> Result<Names> {
         let next = match tree.get(b"s")? {
             Some(v) => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0, 0, 0, 0, 0, 0, 0, 2])),
             None => 2,
@@ -423,13 +425,8 @@ impl Names {
 mod tests {
     use super::*;
 
-    fn table() -> sled::Tree {
-        sled::Config::new()
-            .temporary(true)
-            .open()
-            .unwrap()
-            .open_tree("names")
-            .unwrap()
+    fn table() -> Table {
+        crate::store::Index::temporary().unwrap().table(Some("names")).unwrap()
     }
 
     #[test]

@@ -189,10 +189,7 @@ impl From<NamesError> for Errno {
             NamesError::NotDir => Errno::ENOTDIR,
             NamesError::IsDir => Errno::EISDIR,
             NamesError::Invalid => Errno::EINVAL,
-            NamesError::Db(e) => {
-                tracing::error!("names index: {e}");
-                Errno::EIO
-            }
+            NamesError::Db(e) => index_errno(e),
         }
     }
 }
@@ -201,6 +198,7 @@ impl From<NamesError> for Errno {
 fn store_errno(e: StoreError) -> Errno {
     match e {
         StoreError::NotFound(_) => Errno::ENOENT,
+        StoreError::Db { source, .. } => index_errno(source),
         StoreError::Io { what, source } => {
             tracing::error!("{what}: {source}");
             Errno::from(source)
@@ -212,6 +210,18 @@ fn store_errno(e: StoreError) -> Errno {
         }
         e => {
             tracing::error!("{e}");
+            Errno::EIO
+        }
+    }
+}
+
+/// The errno for an index failure: ENOSPC while the disk is full (the index opens again by
+/// itself once there is room, see `store/index.rs`), EIO otherwise.
+fn index_errno(e: sled::Error) -> Errno {
+    match e {
+        sled::Error::Io(e) => io_errno("index database", e),
+        e => {
+            tracing::error!("index database: {e}");
             Errno::EIO
         }
     }

@@ -17,6 +17,7 @@
 //! files in `blobs/` with no index entry) is swept on the next open.
 
 mod import;
+mod index;
 mod meta;
 mod partial;
 mod present;
@@ -35,6 +36,7 @@ use serde::Serialize;
 
 use crate::hash::Hash;
 use crate::tree::{Tree, GROUP_SIZE};
+pub use index::{Index, Table};
 use meta::{key, lru_key, Meta, TAG_INLINE, TAG_LRU, TAG_META, TAG_PRESENT};
 pub use partial::Written;
 pub use present::Present;
@@ -133,7 +135,11 @@ pub struct Store {
     dir: PathBuf,
     blobs: PathBuf,
     tmp: PathBuf,
-    db: sled::Db,
+    /// The default tree of the index (see `index.rs` for how it survives a full disk).
+    db: Table,
+    index: Arc<Index>,
+    /// Flushes the index every second; stopped before the store goes.
+    _flusher: index::Flusher,
     /// Held for the life of the store: one process per data directory.
     _lock: File,
     cap: AtomicU64,
@@ -148,7 +154,7 @@ pub struct Store {
     /// Blob files that verified whole in this process's life, as they were then (`trust.rs`).
     verified: Mutex<HashMap<Hash, trust::Stamp>>,
     /// The mount's names (`crate::names`): a blob a name holds is never evicted.
-    names: sled::Tree,
+    names: Table,
     /// Blobs in use in this process (open readers, a commit naming its blob), with counts:
     /// never evicted while held.
     held: Mutex<HashMap<Hash, usize>>,
@@ -179,26 +185,22 @@ impl Store {
             owner_only(d)?;
         }
         let lock = take_lock(dir)?;
-        let db = sled::Config::new()
-            .path(dir.join("index"))
-            .cache_capacity(8 << 20)
-            .flush_every_ms(Some(1000))
-            .open()
-            .map_err(|source| StoreError::Db {
-                dir: dir.to_owned(),
-                source,
-            })?;
-        // sled makes its files as the umask says; their directory keeps them private.
-        owner_only(&dir.join("index"))?;
-        let names = db.open_tree("names").map_err(|source| StoreError::Db {
+        let db_err = |source| StoreError::Db {
             dir: dir.to_owned(),
             source,
-        })?;
+        };
+        let index = Index::open(&dir.join("index"), 8 << 20).map_err(db_err)?;
+        // sled makes its files as the umask says; their directory keeps them private.
+        owner_only(&dir.join("index"))?;
+        let db = index.table(None).map_err(db_err)?;
+        let names = index.table(Some("names")).map_err(db_err)?;
         let store = Store {
             dir: dir.to_owned(),
             blobs,
             tmp,
             db,
+            _flusher: index.start_flusher(),
+            index,
             _lock: lock,
             cap: AtomicU64::new(DEFAULT_CACHE_SIZE),
             used: AtomicU64::new(0),
@@ -226,8 +228,8 @@ impl Store {
 
     /// Another tree in the same index database, for state that lives beside the blobs (the
     /// mount's names).
-    pub fn open_tree(&self, name: &str) -> Result<sled::Tree> {
-        self.db.open_tree(name).map_err(|e| self.db_err(e))
+    pub fn open_tree(&self, name: &str) -> Result<Table> {
+        self.index.table(Some(name)).map_err(|e| self.db_err(e))
     }
 
     /// Calls `f` with every blob that becomes complete from now on: imported, written
@@ -455,7 +457,7 @@ impl Store {
         let Some(mut m) = self.meta(h)? else {
             return Ok(());
         };
-        let tick = self.db.generate_id().map_err(|e| self.db_err(e))?;
+        let tick = self.index.generate_id().map_err(|e| self.db_err(e))?;
         let mut b = sled::Batch::default();
         b.remove(&lru_key(m.tick, h)[..]);
         m.tick = tick;
@@ -470,7 +472,7 @@ impl Store {
         if let Some(old) = old {
             b.remove(&lru_key(old.tick, h)[..]);
         }
-        m.tick = self.db.generate_id().map_err(|e| self.db_err(e))?;
+        m.tick = self.index.generate_id().map_err(|e| self.db_err(e))?;
         b.insert(&lru_key(m.tick, h)[..], &[][..]);
         b.insert(&key(TAG_META, h)[..], &m.encode()[..]);
         self.db.apply_batch(b).map_err(|e| self.db_err(e))?;
