@@ -134,6 +134,9 @@ pub enum Command {
     },
 }
 
+/// The longest timeout an option takes: a day.
+const MAX_SECS: u64 = 86400;
+
 /// Options of the daemon.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DaemonArgs {
@@ -148,10 +151,10 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "MULTIADDR")]
     pub external_addr: Vec<libp2p::Multiaddr>,
     /// Seconds a lookup of a hash that is not local may wait for a peer
-    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=MAX_SECS))]
     pub lookup_timeout: u64,
     /// Seconds a read may wait for blocks from the network before it fails with EIO
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=MAX_SECS))]
     pub read_timeout: u64,
     /// Serve every read through the daemon, never by FUSE passthrough
     #[arg(long)]
@@ -166,7 +169,7 @@ pub struct DaemonArgs {
     #[arg(long, hide = true)]
     pub test_refuse_join: bool,
     /// Tests only: take this many seconds more to shut down (to test a second Ctrl-C)
-    #[arg(long, hide = true, value_name = "SECS", default_value_t = 0)]
+    #[arg(long, hide = true, value_name = "SECS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=MAX_SECS))]
     pub test_shutdown_delay: u64,
 }
 

@@ -237,3 +237,25 @@ fn verify_checks_every_blob_and_drops_every_bad_one() {
     assert!(good.status.success() && good.stdout == data(300_003, 93));
     drop(daemon);
 }
+
+#[test]
+fn option_values_out_of_range_are_refused_with_a_clear_error() {
+    let store = tempfile::tempdir().unwrap();
+    let d = store.path();
+    let mnt = tempfile::tempdir().unwrap();
+    let mnt = mnt.path().to_str().unwrap();
+    for (flag, value) in [
+        ("--lookup-timeout", "18446744073709551615"),
+        ("--lookup-timeout", "0"),
+        ("--read-timeout", "18446744073709551615"),
+        ("--read-timeout", "0"),
+    ] {
+        let err = fails(swarmfs(d, &["mount", mnt, "--no-mdns", flag, value]));
+        assert!(
+            err.contains(flag) && err.contains("not in 1..=86400"),
+            "{flag} {value}: {err}"
+        );
+    }
+    let err = fails(swarmfs(d, &["--cache-size", "99999999999T", "ls"]));
+    assert!(err.contains("is not a size"), "{err}");
+}
