@@ -220,11 +220,13 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
         drop(int);
         force_exit_on_sigint();
     });
+    let stopping = std::time::Instant::now();
     // Lookups and reads waiting on the network give up now, so the unmount is not held up.
     fetcher.stop();
     std::thread::sleep(opts.shutdown_delay);
 
     drop(control);
+    tracing::debug!(ms = stopping.elapsed().as_millis(), "control socket closed");
     // Files still open for writing are committed as they stand: a clean stop loses nothing.
     if let Some(fs) = &fs_state {
         let n = fs.commit_all_open();
@@ -232,6 +234,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
             tracing::info!(files = n, "committed files that were open at shutdown");
         }
     }
+    tracing::debug!(ms = stopping.elapsed().as_millis(), "open files committed");
     if let (Some(s), Some(dir)) = (session, &opts.mount) {
         // Unmount and wait for the FUSE threads, but never for long: a reader stuck on a
         // file (or a request still in flight) must not keep the daemon from stopping.
@@ -251,9 +254,12 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
             }
         }
     }
+    tracing::debug!(ms = stopping.elapsed().as_millis(), "unmounted");
     names.flush().context("cannot flush the names table")?;
     store.flush()?;
+    tracing::debug!(ms = stopping.elapsed().as_millis(), "flushed");
     rt.shutdown_timeout(Duration::from_secs(2));
+    tracing::info!(ms = stopping.elapsed().as_millis(), "stopped");
     eprintln!("swarmfs: stopped");
     Ok(())
 }

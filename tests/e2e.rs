@@ -371,3 +371,30 @@ fn one_bad_group_on_the_only_seeder_costs_one_group() {
     drop(r);
     drop(db);
 }
+
+#[test]
+fn a_clean_stop_with_nothing_open_takes_under_a_second_and_unmounts_normally() {
+    let seed = seeded(8);
+    let (a, b, hash) = (&seed.a, &seed.b, &seed.hash);
+    let mut db = Daemon::start(
+        &b.data,
+        &b.mnt,
+        &["--bootstrap", &addr_of(&a.data), "--lookup-timeout", "2"],
+    );
+    // Use the mount the way a user does first: a fetched blob, a saved file, a listing, a
+    // lookup that finds nobody.
+    let mut c = std::process::Command::new("cmp");
+    c.arg(b.mnt.join(hash)).arg(&seed.src);
+    ok(c);
+    fs::write(b.mnt.join("notes.txt"), b"notes\n").unwrap();
+    fs::create_dir(b.mnt.join("dir")).unwrap();
+    fs::read_dir(&b.mnt).unwrap().for_each(drop);
+    assert!(fs::metadata(b.mnt.join("ab".repeat(32))).is_err());
+    let t = Instant::now();
+    assert_eq!(db.stop_with("INT"), Some(0));
+    let took = t.elapsed();
+    let log = db.log_text();
+    assert!(took < Duration::from_secs(1), "a clean stop took {took:?}: {log}");
+    assert!(!log.contains("lazily"), "fell back to a lazy unmount: {log}");
+    assert!(!is_mounted(&b.mnt), "still mounted");
+}
