@@ -159,6 +159,10 @@ pub struct DaemonArgs {
     /// Serve every read through the daemon, never by FUSE passthrough
     #[arg(long)]
     pub no_passthrough: bool,
+    /// Let other users use the mount; the kernel checks each access against the name's mode
+    /// and owner. A daemon not run as root needs `user_allow_other` in /etc/fuse.conf.
+    #[arg(long)]
+    pub allow_other: bool,
     /// Tests only: flip a bit in every blob this node serves
     #[arg(long, hide = true)]
     pub test_corrupt_responses: bool,
@@ -295,6 +299,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             lookup_timeout: std::time::Duration::from_secs(opts.lookup_timeout),
             read_timeout: std::time::Duration::from_secs(opts.read_timeout),
             passthrough: !opts.no_passthrough,
+            allow_other: opts.allow_other,
             shutdown_delay: std::time::Duration::from_secs(opts.test_shutdown_delay),
             net: crate::net::NetOptions {
                 listen,

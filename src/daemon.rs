@@ -32,6 +32,9 @@ pub struct DaemonOptions {
     pub lookup_timeout: Duration,
     pub read_timeout: Duration,
     pub passthrough: bool,
+    /// Other users may use the mount (FUSE's allow_other); the kernel checks their access
+    /// against each name's mode and owner.
+    pub allow_other: bool,
     /// Tests only: a slower shutdown.
     pub shutdown_delay: Duration,
     pub net: crate::net::NetOptions,
@@ -189,6 +192,9 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
             MountOption::DefaultPermissions,
             MountOption::CUSTOM("max_read=1048576".into()),
         ];
+        if opts.allow_other {
+            cfg.acl = fuser::SessionACL::All;
+        }
         cfg.n_threads = Some(2);
         fs_state = Some(fs.inner());
         let s = fuser::Session::new(fs, dir, &cfg)

@@ -9,5 +9,6 @@ mod crash;
 mod e2e;
 mod mount;
 mod net;
+mod posix;
 mod store;
 mod swarm;

@@ -149,9 +149,9 @@ pub struct Inner {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     open: Mutex<HashMap<u64, Arc<OpenEntry>>>,
-    /// The length of each staged file, readable without waiting for its `OpenFile` (which a
-    /// commit holds while it fsyncs).
-    staged: Mutex<HashMap<u64, u64>>,
+    /// The length of each staged file, and when it was last written, readable without
+    /// waiting for its `OpenFile` (which a commit holds while it fsyncs).
+    staged: Mutex<HashMap<u64, Staged>>,
     backing: Mutex<HashMap<u64, Weak<BackingId>>>,
     /// The kernel agreed to passthrough (set in `init`).
     passthrough: AtomicBool,
@@ -161,6 +161,14 @@ pub struct Inner {
     /// kept in memory, with their blob held, until the last of those is released. Nothing
     /// written to them is published.
     orphans: Mutex<HashMap<u64, (Node, Option<Holding>)>>,
+}
+
+/// What `getattr` shows of a file with staged changes.
+#[derive(Clone, Copy)]
+struct Staged {
+    len: u64,
+    /// The time of the last write or truncate; `None` after an explicit mtime (`cp -a`).
+    mtime: Option<u64>,
 }
 
 /// Forgets a file's staged length once its commit is over, whatever the outcome: by then the
@@ -180,6 +188,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+    }
+}
+
 impl From<NamesError> for Errno {
     fn from(e: NamesError) -> Errno {
         match e {
@@ -189,6 +209,8 @@ impl From<NamesError> for Errno {
             NamesError::NotDir => Errno::ENOTDIR,
             NamesError::IsDir => Errno::EISDIR,
             NamesError::Invalid => Errno::EINVAL,
+            NamesError::NameTooLong => Errno::ENAMETOOLONG,
+            NamesError::DirLink => Errno::EPERM,
             NamesError::Db(e) => index_errno(e),
         }
     }
@@ -321,29 +343,29 @@ impl Inner {
 
     /// The attributes of a user node; an open file reports its staged length.
     fn node_attr(&self, ino: u64, n: &Node) -> FileAttr {
+        let staged = lock(&self.staged).get(&ino).copied().filter(|_| n.kind == Kind::File);
         let size = match n.kind {
-            Kind::File => lock(&self.staged).get(&ino).copied().unwrap_or(n.size),
+            Kind::File => staged.map_or(n.size, |s| s.len),
             Kind::Dir => 4096,
             Kind::Symlink => n.target.len() as u64,
+            _ => 0,
         };
+        // A file being written shows the time of its last write, as a local file does.
+        let written = staged.and_then(|s| s.mtime);
         FileAttr {
             ino: INodeNo(ino),
             size,
             blocks: size.div_ceil(512),
             atime: names::to_time(n.atime),
-            mtime: names::to_time(n.mtime),
-            ctime: names::to_time(n.ctime),
+            mtime: names::to_time(written.unwrap_or(n.mtime)),
+            ctime: names::to_time(written.unwrap_or(n.ctime).max(n.ctime)),
             crtime: names::to_time(n.ctime),
-            kind: match n.kind {
-                Kind::File => FileType::RegularFile,
-                Kind::Dir => FileType::Directory,
-                Kind::Symlink => FileType::Symlink,
-            },
+            kind: file_type(n.kind),
             perm: n.perm as u16,
-            nlink: if n.kind == Kind::Dir { 2 } else { 1 },
+            nlink: n.nlink.max(1),
             uid: n.uid,
             gid: n.gid,
-            rdev: 0,
+            rdev: n.rdev,
             blksize: 1 << 20,
             flags: 0,
         }
@@ -398,7 +420,7 @@ impl Inner {
     /// A file was just removed from the names (unlink, or renamed over): if descriptors still
     /// have it open, it lives on for them until the last is released.
     pub(crate) fn removed(&self, ino: u64, node: Node) {
-        if node.kind != Kind::File || !self.has_handles(ino) {
+        if node.kind != Kind::File || node.nlink > 0 || !self.has_handles(ino) {
             return;
         }
         let hold = node.hash.map(|h| Holding::new(&self.store, h));
@@ -584,7 +606,11 @@ impl Inner {
         let res = self.staging(ino, &mut o, u64::MAX).and_then(|s| {
             s.write_owned(off, data)
                 .map_err(|e| io_errno("writing a staged file", e))?;
-            lock(&self.staged).insert(ino, s.len());
+            let written = Staged {
+                len: s.len(),
+                mtime: Some(names::now_ns()),
+            };
+            lock(&self.staged).insert(ino, written);
             Ok(())
         });
         o.failed |= res.is_err();
@@ -610,21 +636,20 @@ impl Inner {
         let Some(s) = o.staging.take() else {
             // A new file closed without a write is the empty blob.
             if self.node(ino)?.hash.is_none() {
-                let _held = self.store.hold_guard(Hash::of(&[]));
-                let (h, _) = self.store.import_reader(&[][..], false).map_err(store_errno)?;
-                self.names.update(ino, |n| n.hash = Some(h))?;
+                self.name_empty_file(ino)?;
             }
             return Ok(());
         };
         o.written = false;
         let (h, size, _held) = self.store.commit_staged(s).map_err(store_errno)?;
         let touched = std::mem::take(&mut o.touched);
+        let written = lock(&self.staged).get(&ino).and_then(|s| s.mtime);
         match self.names.update(ino, |n| {
             n.hash = Some(h);
             n.size = size;
             if touched {
-                n.mtime = names::now_ns();
-                n.ctime = n.mtime;
+                n.mtime = written.unwrap_or_else(names::now_ns);
+                n.ctime = names::now_ns();
             }
         }) {
             Ok(_) => {
@@ -636,6 +661,14 @@ impl Inner {
             Err(NamesError::NotFound) => {}
             Err(e) => return Err(e.into()),
         }
+        Ok(())
+    }
+
+    /// Points a new file's name at the empty blob.
+    pub(crate) fn name_empty_file(&self, ino: u64) -> Result<(), Errno> {
+        let _held = self.store.hold_guard(Hash::of(&[]));
+        let (h, _) = self.store.import_reader(&[][..], false).map_err(store_errno)?;
+        self.names.update(ino, |n| n.hash = Some(h))?;
         Ok(())
     }
 
@@ -717,7 +750,11 @@ impl Inner {
         o.touched = true;
         let res = self.staging(ino, o, len).and_then(|s| {
             s.set_len(len).map_err(|e| io_errno("truncating a staged file", e))?;
-            lock(&self.staged).insert(ino, len);
+            let truncated = Staged {
+                len,
+                mtime: Some(names::now_ns()),
+            };
+            lock(&self.staged).insert(ino, truncated);
             Ok(())
         });
         o.failed |= res.is_err();
@@ -787,12 +824,7 @@ impl Inner {
             (node.parent, FileType::Directory, b"..".to_vec()),
         ];
         for (cino, c) in self.names.children(ino, 0)? {
-            let kind = match c.kind {
-                Kind::File => FileType::RegularFile,
-                Kind::Dir => FileType::Directory,
-                Kind::Symlink => FileType::Symlink,
-            };
-            out.push((cino, kind, c.name));
+            out.push((cino, file_type(c.kind), c.name));
         }
         if ino == ROOT {
             let mut blobs = self.store.list().map_err(store_errno)?;

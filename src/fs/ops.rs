@@ -138,6 +138,9 @@ impl Filesystem for SwarmFs {
                         if let Some(o) = fs.open_file(ino.0) {
                             lock(&o.state).touched = false;
                         }
+                        if let Some(s) = lock(&fs.staged).get_mut(&ino.0) {
+                            s.mtime = None;
+                        }
                     }
                 }
                 fs.attr(ino.0)
@@ -191,7 +194,89 @@ impl Filesystem for SwarmFs {
         }
     }
 
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => Kind::File,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            libc::S_IFBLK => Kind::BlockDev,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let res = self.make(req, parent, name, kind, mode & !umask).and_then(|ino| {
+            match kind {
+                // A regular file made by mknod is an empty file, named at once.
+                Kind::File => self.0.name_empty_file(ino)?,
+                Kind::CharDev | Kind::BlockDev => {
+                    self.0.names.update(ino, |n| n.rdev = rdev)?;
+                }
+                _ => {}
+            }
+            Ok(ino)
+        });
+        match res {
+            Ok(ino) => self.entry(ino, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        if self.0.ino_hash(ino.0).is_some() {
+            // Blob entries are not names: copy one to name it.
+            return reply.error(Errno::EPERM);
+        }
+        if Inner::reserved(newparent.0, newname) {
+            return reply.error(Errno::EROFS);
+        }
+        match self.0.names.link(ino.0, newparent.0, newname.as_bytes()) {
+            Ok(_) => self.entry(ino.0, reply),
+            Err(e) => reply.error(e.into()),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        // Space is not reserved ahead (content lands in a blob at commit): mode 0 grows the
+        // file to cover the range, KEEP_SIZE is accepted and does nothing; punching holes,
+        // collapsing, zeroing and inserting ranges are not supported.
+        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        match self.0.handle(fh.0).as_deref() {
+            Ok(Handle::File { write: true, .. }) => {}
+            Ok(Handle::Blob { .. }) => return reply.error(Errno::EROFS),
+            Ok(_) => return reply.error(Errno::EBADF),
+            Err(e) => return reply.error(*e),
+        }
+        let Some(end) = offset.checked_add(length).filter(|&e| e <= i64::MAX as u64) else {
+            return reply.error(Errno::EFBIG);
+        };
+        if mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
+            return reply.ok();
+        }
+        self.0.spawn(move |fs| {
+            let res = fs
+                .attr(ino.0)
+                .and_then(|(a, _)| if end > a.size { fs.truncate(ino.0, end) } else { Ok(()) });
+            match res {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        if target.as_os_str().len() >= libc::PATH_MAX as usize {
+            return reply.error(Errno::ENAMETOOLONG);
+        }
         let res = self.make(req, parent, link_name, Kind::Symlink, 0o777).and_then(|ino| {
             self.0
                 .names
@@ -407,16 +492,11 @@ impl Filesystem for SwarmFs {
         let cap = self.0.store.cache_size();
         let used = self.0.store.used();
         let free = cap.saturating_sub(used) / BS;
-        reply.statfs(
-            cap / BS,
-            free,
-            free,
-            self.0.names.count() as u64,
-            u32::MAX as u64,
-            BS as u32,
-            255,
-            BS as u32,
-        );
+        // Names are not limited in number: report room for as many again as a u32 holds,
+        // so that used (files - ffree) is the count of names and never negative.
+        let names = self.0.names.count() as u64;
+        let ffree = u32::MAX as u64;
+        reply.statfs(cap / BS, free, free, names + ffree, ffree, BS as u32, 255, BS as u32);
     }
 
     fn setxattr(
