@@ -44,6 +44,8 @@ const SIZE_ASKS: usize = 8;
 /// The first backoff of an unreachable provider; it doubles up to `MAX_BACKOFF`.
 const BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How long a lookup that found nobody is remembered (unless a provider may have appeared).
+const MISS_TTL: Duration = Duration::from_secs(60);
 
 /// What the fetcher knows of one provider.
 #[derive(Default)]
@@ -100,6 +102,8 @@ pub struct Fetcher {
     peers: Mutex<HashMap<PeerId, PeerState>>,
     /// Set when the daemon shuts down: waits on the network end at once.
     stopping: watch::Sender<bool>,
+    /// Lookups that found nobody: when, and the peers connected then.
+    misses: Mutex<HashMap<Hash, (Instant, Vec<PeerId>)>>,
 }
 
 /// A request slot with one provider, given back (to the most urgent waiter) on drop.
@@ -176,6 +180,7 @@ impl Fetcher {
             inflight: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             stopping: watch::channel(false).0,
+            misses: Mutex::new(HashMap::new()),
         })
     }
 
@@ -338,12 +343,52 @@ impl Fetcher {
     /// Finds blob `h` on the network and verifies its size: the first group, asked of up to
     /// `SIZE_ASKS` reachable providers at once, then the last group from the first that answered. Returns
     /// the size, or `None` if nobody has it within `timeout`.
+    ///
+    /// A lookup that found nobody is answered at once for a minute after, unless a provider
+    /// may have appeared (`missed_lately`): `ls MNT/<typo>` costs the timeout once.
     pub async fn size(&self, h: Hash, timeout: Duration) -> Option<u64> {
         if let Ok(Some(info)) = self.store.info(&h) {
             if info.size_verified {
                 return Some(info.size);
             }
         }
+        if self.missed_lately(&h).await {
+            tracing::debug!(hash = %h, "nobody had it a moment ago, and no provider has appeared since");
+            return None;
+        }
+        let connected = self.net.connected().await;
+        let size = self.size_from_peers(h, timeout).await;
+        let mut misses = self.misses.lock().unwrap_or_else(|e| e.into_inner());
+        match size {
+            None => {
+                misses.retain(|_, (at, _)| at.elapsed() < MISS_TTL);
+                misses.insert(h, (Instant::now(), connected));
+            }
+            Some(_) => {
+                misses.remove(&h);
+            }
+        }
+        size
+    }
+
+    /// True if a lookup of `h` found nobody within `MISS_TTL` and no provider may have
+    /// appeared since: no new peer connected, none joined the blob's swarm, and no provider
+    /// record for it reached this node.
+    async fn missed_lately(&self, h: &Hash) -> bool {
+        let Some((at, then)) = self.misses.lock().unwrap_or_else(|e| e.into_inner()).get(h).cloned() else {
+            return false;
+        };
+        let fresh = at.elapsed() < MISS_TTL
+            && self.net.connected().await.iter().all(|p| then.contains(p))
+            && self.net.swarms.members(h).is_empty()
+            && self.net.stored_providers(*h).await.is_empty();
+        if !fresh {
+            self.misses.lock().unwrap_or_else(|e| e.into_inner()).remove(h);
+        }
+        fresh
+    }
+
+    async fn size_from_peers(&self, h: Hash, timeout: Duration) -> Option<u64> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -398,3 +398,42 @@ fn a_clean_stop_with_nothing_open_takes_under_a_second_and_unmounts_normally() {
     assert!(!log.contains("lazily"), "fell back to a lazy unmount: {log}");
     assert!(!is_mounted(&b.mnt), "still mounted");
 }
+
+#[test]
+fn a_repeated_lookup_of_an_absent_hash_answers_at_once_until_a_provider_appears() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (host(root.path(), "a"), host(root.path(), "b"));
+    let da = Daemon::start(&a.data, &a.mnt, &[]);
+    let db = Daemon::start(
+        &b.data,
+        &b.mnt,
+        &["--bootstrap", &addr_of(&a.data), "--lookup-timeout", "3"],
+    );
+    let content = data(100_000, 77);
+    let hash = swarmfs::Hash::of(&content).to_string();
+    let absent = b.mnt.join(&hash);
+    // Nobody has it: the first lookup waits the timeout.
+    let t = Instant::now();
+    assert_eq!(fs::metadata(&absent).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    assert!(t.elapsed() >= Duration::from_millis(2500), "{:?}", t.elapsed());
+    // Asked again within the minute: ENOENT at once.
+    for _ in 0..3 {
+        let t = Instant::now();
+        assert_eq!(fs::metadata(&absent).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "a repeated miss took {:?}",
+            t.elapsed()
+        );
+    }
+    // A provider appears: the next lookups find it.
+    fs::write(a.mnt.join("now-shared"), &content).unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || fs::metadata(&absent).is_ok()),
+        "B never found the new provider: {}",
+        db.log_text()
+    );
+    assert_eq!(fs::read(&absent).unwrap(), content);
+    drop(db);
+    drop(da);
+}
