@@ -174,11 +174,11 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
         let fs = SwarmFs::new(
             store.clone(),
             names.clone(),
-            Arc::new(NetSource {
-                fetcher: ctx.fetcher.clone(),
-                rt: rt.handle().clone(),
-                read_timeout: opts.read_timeout,
-            }),
+            Arc::new(NetSource::new(
+                ctx.fetcher.clone(),
+                rt.handle().clone(),
+                opts.read_timeout,
+            )),
             rt.handle().clone(),
             FsOptions {
                 lookup_timeout: opts.lookup_timeout,

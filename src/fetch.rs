@@ -595,9 +595,63 @@ impl Fetcher {
 /// The mount's `BlobSource` on the network: lookups find and size-check a blob, reads fetch
 /// the groups they need (and start read-ahead) and wait at most the read timeout.
 pub struct NetSource {
-    pub fetcher: Arc<Fetcher>,
-    pub rt: tokio::runtime::Handle,
-    pub read_timeout: Duration,
+    fetcher: Arc<Fetcher>,
+    rt: tokio::runtime::Handle,
+    read_timeout: Duration,
+    /// Groups whose fetch just failed (a read waited the whole timeout for them), with when.
+    /// The kernel turns one read call into several requests, and when one fails it asks
+    /// again for the page the caller wants: those retries fail at once instead of waiting
+    /// another timeout, so the read timeout bounds the call. A read after `RETRY_GRACE` gets
+    /// a full timeout again.
+    failed: Mutex<HashMap<Hash, Vec<FailedGroups>>>,
+}
+
+/// Groups a read gave up on, and when.
+type FailedGroups = (Range<u64>, Instant);
+
+/// How long after a read timed out a request for the same groups fails at once: the
+/// kernel's retries of the same call come well within this.
+const RETRY_GRACE: Duration = Duration::from_secs(2);
+
+impl NetSource {
+    pub fn new(fetcher: Arc<Fetcher>, rt: tokio::runtime::Handle, read_timeout: Duration) -> NetSource {
+        NetSource {
+            fetcher,
+            rt,
+            read_timeout,
+            failed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// True if groups of `want` failed to come within the last `RETRY_GRACE`.
+    fn just_failed(&self, h: &Hash, want: &Range<u64>) -> bool {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(list) = failed.get_mut(h) else {
+            return false;
+        };
+        list.retain(|(_, at)| at.elapsed() < RETRY_GRACE);
+        let hit = list.iter().any(|(r, _)| r.start < want.end && want.start < r.end);
+        if list.is_empty() {
+            failed.remove(h);
+        }
+        hit
+    }
+
+    /// Remembers the groups of `want` still missing after a read gave up on them.
+    fn gave_up(&self, h: &Hash, want: Range<u64>) {
+        let missing = self
+            .fetcher
+            .store
+            .missing(h, want.clone())
+            .unwrap_or_else(|_| vec![want]);
+        let now = Instant::now();
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.retain(|_, list| list.iter().any(|(_, at)| at.elapsed() < RETRY_GRACE));
+        failed
+            .entry(*h)
+            .or_default()
+            .extend(missing.into_iter().map(|r| (r, now)));
+    }
 }
 
 impl crate::fs::BlobSource for NetSource {
@@ -615,16 +669,21 @@ impl crate::fs::BlobSource for NetSource {
                     .await;
             });
         }
+        if self.just_failed(hash, &want) {
+            tracing::debug!(hash = %hash, "groups {}..{} failed a moment ago", want.start, want.end);
+            return false;
+        }
         let deadline = Instant::now() + self.read_timeout;
         let f = &self.fetcher;
         let stopped = Err(GetError::Stopped);
         match self
             .rt
-            .block_on(f.unless_stopped(f.ensure(*hash, want, deadline, true), stopped))
+            .block_on(f.unless_stopped(f.ensure(*hash, want.clone(), deadline, true), stopped))
         {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!("{e}");
+                self.gave_up(hash, want);
                 false
             }
         }

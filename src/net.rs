@@ -17,7 +17,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
@@ -61,6 +61,10 @@ const POOL_PER_PEER: usize = 16;
 const CHUNK: usize = 128 * 1024;
 /// Chunk buffers kept for reuse (fresh large buffers cost page faults).
 const SPARE_BUFFERS: usize = 64;
+/// How often peers are pinged, and how long a ping may take.
+const PING_EVERY: Duration = Duration::from_secs(4);
+/// A connection that answered no ping for this long is closed: its peer is gone.
+const SILENT_AFTER: Duration = Duration::from_secs(12);
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -175,7 +179,7 @@ impl Buffers {
 }
 
 /// An idle stream and when it went idle.
-type Pooled = (libp2p::Stream, std::time::Instant);
+type Pooled = (libp2p::Stream, Instant);
 
 /// How one attempt at a request failed.
 enum Attempt {
@@ -307,7 +311,9 @@ impl Net {
                 Ok(Behaviour {
                     kad,
                     identify: identify::Behaviour::new(identify::Config::new("/swarmfs/1.0.0".into(), key.public())),
-                    ping: ping::Behaviour::default(),
+                    // A peer that went silent (a pulled cable) is noticed within about 15 s
+                    // and its connection closed (see `SILENT_AFTER`).
+                    ping: ping::Behaviour::new(ping::Config::new().with_interval(PING_EVERY).with_timeout(PING_EVERY)),
                     mdns: Toggle::from(mdns),
                     stream: libp2p_stream::Behaviour::new(),
                 })
@@ -635,7 +641,7 @@ impl Net {
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         let list = pool.entry(peer).or_default();
         if list.len() < POOL_PER_PEER {
-            list.push((s, std::time::Instant::now()));
+            list.push((s, Instant::now()));
         }
     }
 
@@ -671,7 +677,7 @@ impl Net {
     /// One request on one stream.
     async fn request(&self, peer: PeerId, h: Hash, mut stream: libp2p::Stream, req: &[u8]) -> Result<Fetched, Attempt> {
         let transfer = |source| Attempt::Failed(FetchError::Transfer { peer, source });
-        let sent_at = std::time::Instant::now();
+        let sent_at = Instant::now();
         stream.write_all(req).await.map_err(Attempt::Early)?;
         stream.flush().await.map_err(Attempt::Early)?;
         let head = read_head(&mut stream).await.map_err(Attempt::Early)?;
@@ -879,8 +885,24 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
     // When to announce every provided blob again, so that the records carry an address that
     // was confirmed after they were first announced (debounced: confirmations come in bursts).
     let mut reannounce: Option<tokio::time::Instant> = None;
+    // When each connection last answered a ping (or opened): one silent for `SILENT_AFTER`
+    // is closed, so a peer whose cable was pulled leaves within about 15 s (libp2p's ping
+    // reports the first failure of a connection silently, and a second only after a stream
+    // upgrade times out).
+    let mut heard: HashMap<libp2p::swarm::ConnectionId, (PeerId, Instant)> = HashMap::new();
+    let mut liveness = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
+            _ = liveness.tick() => {
+                let now = Instant::now();
+                for (conn, (peer, at)) in &heard {
+                    if now.duration_since(*at) > SILENT_AFTER {
+                        tracing::info!(%peer, "no answer to pings for {} s: closing the connection", SILENT_AFTER.as_secs());
+                        swarm.close_connection(*conn);
+                    }
+                }
+                heard.retain(|_, (_, at)| now.duration_since(*at) <= SILENT_AFTER);
+            }
             _ = tokio::time::sleep_until(reannounce.unwrap_or_else(tokio::time::Instant::now)), if reannounce.is_some() => {
                 reannounce = None;
                 let kad = &mut swarm.behaviour_mut().kad;
@@ -956,7 +978,8 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
                         reannounce = Some(tokio::time::Instant::now() + REANNOUNCE_AFTER);
                     }
                 }
-                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
+                    heard.insert(connection_id, (peer_id, Instant::now()));
                     if banned.lock().unwrap_or_else(|e| e.into_inner()).contains(&peer_id) {
                         let _ = swarm.disconnect_peer_id(peer_id);
                         continue;
@@ -969,7 +992,17 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
                         bootstrapped = swarm.behaviour_mut().kad.bootstrap().is_ok();
                     }
                 }
-                SwarmEvent::ConnectionClosed { peer_id, cause, num_established, .. } => {
+                SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result })) => match result {
+                    Ok(_) => {
+                        heard.insert(connection, (peer, Instant::now()));
+                    }
+                    Err(e) => {
+                        tracing::info!(%peer, "{e}: closing the connection");
+                        swarm.close_connection(connection);
+                    }
+                },
+                SwarmEvent::ConnectionClosed { peer_id, connection_id, cause, num_established, .. } => {
+                    heard.remove(&connection_id);
                     tracing::debug!(peer = %peer_id, remaining = num_established, "connection closed: {cause:?}");
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {

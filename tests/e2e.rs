@@ -360,7 +360,8 @@ fn one_bad_group_on_the_only_seeder_costs_one_group() {
     );
     // Every healthy group reads right; the bad one alone is EIO.
     for g in (0..64u64).filter(|&g| g != 5) {
-        r.read_exact_at(&mut got, g * 16384).unwrap();
+        r.read_exact_at(&mut got, g * 16384)
+            .unwrap_or_else(|e| panic!("group {g}: {e}: {}", db.log_text()));
         assert!(
             got[..] == want[(g * 16384) as usize..((g + 1) * 16384) as usize],
             "group {g}"
@@ -436,4 +437,100 @@ fn a_repeated_lookup_of_an_absent_hash_answers_at_once_until_a_provider_appears(
     assert_eq!(fs::read(&absent).unwrap(), content);
     drop(db);
     drop(da);
+}
+
+/// Reads `path` from byte `from` on, 128 KiB at a time as `cat` does, until an error; returns
+/// the error and how long the failing read call took.
+fn read_until_error(path: &Path, from: u64) -> (std::io::Error, Duration) {
+    let mut f = fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(from)).unwrap();
+    let mut buf = vec![0u8; 128 << 10];
+    loop {
+        let t = Instant::now();
+        match f.read(&mut buf) {
+            Ok(0) => panic!("the whole file was read: nothing was missing"),
+            Ok(_) => {}
+            Err(e) => return (e, t.elapsed()),
+        }
+    }
+}
+
+#[test]
+fn a_read_whose_provider_stopped_fails_within_the_read_timeout() {
+    let mut seed = seeded(32);
+    let (a, b, hash) = (&seed.a, &seed.b, seed.hash.clone());
+    let db = Daemon::start(
+        &b.data,
+        &b.mnt,
+        &["--bootstrap", &addr_of(&a.data), "--read-timeout", "3"],
+    );
+    let path = b.mnt.join(&hash);
+    let mut head = vec![0u8; 1 << 20];
+    fs::File::open(&path).unwrap().read_exact(&mut head).unwrap();
+    seed.da.kill9();
+    // The kernel splits a read into several requests (read-ahead included): the timeout
+    // bounds the read call as a whole, not each request.
+    let t = Instant::now();
+    let (err, call) = read_until_error(&path, 8 << 20);
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        call < Duration::from_secs(5) && t.elapsed() < Duration::from_secs(8),
+        "EIO after {call:?} (the read call) and {:?} in all; the timeout is 3 s",
+        t.elapsed()
+    );
+    drop(db);
+}
+
+#[test]
+fn a_pulled_cable_fails_reads_within_the_read_timeout_and_drops_the_peer_within_15_s() {
+    let root = tempfile::tempdir().unwrap();
+    let ns = NetNs::new();
+    let (da, b) = (root.path().join("a"), host(root.path(), "b"));
+    let _a = ns_daemon(&ns.names[0], &da, "10.77.0.1", &["--no-mdns"]);
+    let src = root.path().join("f");
+    random_file(&src, 32);
+    let hash = add_file(&da, &src);
+    let a_addr = addr_of(&da);
+    let a_id = a_addr.rsplit('/').next().unwrap().to_string();
+    let db = Daemon::start_in_netns(
+        &ns.names[1],
+        &b.data,
+        &b.mnt,
+        &[
+            "--listen",
+            "/ip4/10.77.0.2/tcp/0",
+            "--bootstrap",
+            &a_addr,
+            "--read-timeout",
+            "3",
+        ],
+    );
+    let path = b.mnt.join(&hash);
+    let mut head = vec![0u8; 1 << 20];
+    fs::File::open(&path).unwrap().read_exact(&mut head).unwrap();
+    // The cable is pulled: no FIN, no RST, just silence.
+    sh(&format!(
+        "ip -n {0} link set dev $(ip -n {0} -o link show type veth | cut -d: -f2 | cut -d@ -f1) down",
+        ns.names[0]
+    ));
+    let pulled = Instant::now();
+    let (err, call) = read_until_error(&path, 8 << 20);
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        call < Duration::from_secs(5) && pulled.elapsed() < Duration::from_secs(8),
+        "EIO after {call:?} (the read call) and {:?} in all; the timeout is 3 s",
+        pulled.elapsed()
+    );
+    // The dead peer leaves the peer list within about 15 s.
+    let gone = eventually(Duration::from_secs(20), || {
+        !ok(swarmfs(&b.data, &["peers"])).lines().any(|l| l.contains(&a_id))
+    });
+    assert!(
+        gone,
+        "A still listed {:?} after the cable was pulled: {}",
+        pulled.elapsed(),
+        db.log_text()
+    );
+    assert!(pulled.elapsed() < Duration::from_secs(20));
+    drop(db);
 }

@@ -165,6 +165,22 @@ pub fn is_mounted(dir: &Path) -> bool {
 impl Daemon {
     /// Starts `swarmfs --data-dir DATA mount MNT EXTRA...` and waits until it is mounted.
     pub fn start(data: &Path, mnt: &Path, extra: &[&str]) -> Daemon {
+        Daemon::launch(swarmfs(data, &["mount"]), data, mnt, extra)
+    }
+
+    /// `start`, with the daemon in network namespace `ns` (`nsenter --net`): its mount is
+    /// still in this process's mount namespace, where the test can read it.
+    pub fn start_in_netns(ns: &str, data: &Path, mnt: &Path, extra: &[&str]) -> Daemon {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{ns}"))
+            .arg(env!("CARGO_BIN_EXE_swarmfs"))
+            .arg("--data-dir")
+            .arg(data)
+            .arg("mount");
+        Daemon::launch(c, data, mnt, extra)
+    }
+
+    fn launch(mut cmd: Command, data: &Path, mnt: &Path, extra: &[&str]) -> Daemon {
         // A stale mount (a killed daemon) answers ENOTCONN, which create_dir_all takes for
         // "missing"; the daemon cleans it up.
         if !is_mounted(mnt) {
@@ -172,7 +188,7 @@ impl Daemon {
         }
         let log = data.with_extension(format!("log{}", std::process::id()));
         // Never mDNS outside a namespace of our own, and never a fixed port.
-        let child = swarmfs(data, &["mount"])
+        let child = cmd
             .arg(mnt)
             .args(["--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
             .args(extra)

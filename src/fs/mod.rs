@@ -497,20 +497,28 @@ impl Inner {
             Handle::Blob {
                 hash, reader, ahead, ..
             } => {
-                let mut r = lock(reader);
                 for attempt in 0..2 {
-                    if r.is_none() || attempt > 0 {
-                        *r = Some(self.blob_reader(hash)?);
-                    }
-                    let rd = r.as_mut().expect("just set");
-                    match rd.read_at(off, size as usize) {
-                        Ok(d) => return Ok(d),
-                        Err(e @ (StoreError::Missing { .. } | StoreError::Corrupt { .. })) if attempt == 0 => {
+                    // The reader is not held while the network is waited on: the kernel sends
+                    // a read call's requests at once, and each must wait only for its own
+                    // groups.
+                    let (e, blob_size) = {
+                        let mut r = lock(reader);
+                        if r.is_none() || attempt > 0 {
+                            *r = Some(self.blob_reader(hash)?);
+                        }
+                        let rd = r.as_mut().expect("just set");
+                        match rd.read_at(off, size as usize) {
+                            Ok(d) => return Ok(d),
+                            Err(e) => (e, rd.size()),
+                        }
+                    };
+                    match e {
+                        e @ (StoreError::Missing { .. } | StoreError::Corrupt { .. }) if attempt == 0 => {
                             // A corrupt block is dropped, then fetched again like a missing one.
                             if let StoreError::Corrupt { group, .. } = e {
                                 self.store.found_corrupt(hash, group);
                             }
-                            let tree = crate::tree::Tree::new(rd.size());
+                            let tree = crate::tree::Tree::new(blob_size);
                             let want = tree.groups_for_bytes(off..off + size as u64);
                             let readahead = {
                                 let mut a = lock(ahead);
@@ -526,7 +534,7 @@ impl Inner {
                                 return Err(Errno::EIO);
                             }
                         }
-                        Err(e) => return Err(store_errno(self.store.note_corrupt(e))),
+                        e => return Err(store_errno(self.store.note_corrupt(e))),
                     }
                 }
                 Err(Errno::EIO)
