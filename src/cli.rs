@@ -101,6 +101,12 @@ pub enum Command {
         #[command(flatten)]
         net: NetArgs,
     },
+    /// Connect to a peer and keep it connected (redialed when it goes); needs a running daemon
+    #[command(after_help = "Example:\n  swarmfs connect /ip4/192.0.2.7/tcp/4701/p2p/12D3KooW...")]
+    Connect {
+        #[arg(value_name = "MULTIADDR")]
+        addr: String,
+    },
     /// List connected peers (needs a running daemon)
     #[command(after_help = "Example:\n  swarmfs peers")]
     Peers,
@@ -408,6 +414,7 @@ fn forward_args(cli: &Cli) -> Result<Vec<String>> {
         }
         Command::Providers { hash, .. } => a.extend(["providers".into(), "--".into(), hash.clone()]),
         Command::Peers => a.push("peers".into()),
+        Command::Connect { addr } => a.extend(["connect".into(), "--".into(), addr.clone()]),
         Command::Status => a.push("status".into()),
         Command::Ls => a.push("ls".into()),
         Command::Gc => a.push("gc".into()),
@@ -519,6 +526,24 @@ pub fn execute(
                 }
             }
             Ok(if found.is_empty() { 1 } else { 0 })
+        }
+        Command::Connect { addr } => {
+            let n = net.context(
+                "no daemon is running for this data directory; start one with `swarmfs daemon` or `swarmfs mount DIR`",
+            )?;
+            let addr: libp2p::Multiaddr = addr.parse().map_err(|e| {
+                anyhow::anyhow!("{addr:?} is not a multiaddr ({e}); try /ip4/192.0.2.7/tcp/4701/p2p/12D3KooW...")
+            })?;
+            match n.rt.block_on(n.fetcher.net().keep(addr.clone(), n.lookup_timeout)) {
+                Ok(p) => {
+                    writeln!(out, "{p}")?;
+                    Ok(0)
+                }
+                Err(e) => {
+                    writeln!(err, "swarmfs: cannot connect to {addr}: {e}")?;
+                    Ok(1)
+                }
+            }
         }
         Command::Peers | Command::Status => {
             let n = net.context(

@@ -269,9 +269,21 @@ impl Fetcher {
         peers.iter().filter(|(_, s)| s.is_down(now)).map(|(p, _)| *p).collect()
     }
 
+    /// Forgets the failures of peers that connected again since (a restarted provider is
+    /// asked at once, not after its backoff).
+    fn forgive_reconnected(&self, peers: &mut HashMap<PeerId, PeerState>) {
+        for p in self.net.take_reconnected() {
+            if let Some(st) = peers.get_mut(&p) {
+                st.failures = 0;
+                st.down_until = None;
+            }
+        }
+    }
+
     /// True while `p` is set aside after failures to reach it.
     fn is_down(&self, p: &PeerId) -> bool {
-        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        self.forgive_reconnected(&mut peers);
         peers.get(p).is_some_and(|s| s.is_down(Instant::now()))
     }
 
@@ -301,7 +313,8 @@ impl Fetcher {
     /// have-map says so, or it sent none) with the least work queued for its window.
     fn pick(&self, h: &Hash, skip: &[PeerId], r: &Range<u64>) -> Option<PeerId> {
         let known = self.known(h);
-        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        self.forgive_reconnected(&mut peers);
         let now = Instant::now();
         known
             .into_iter()

@@ -63,6 +63,31 @@ const CHUNK: usize = 128 * 1024;
 const SPARE_BUFFERS: usize = 64;
 /// How often peers are pinged, and how long a ping may take.
 const PING_EVERY: Duration = Duration::from_secs(4);
+/// The first wait before a kept peer (bootstrap, `connect`) that went away is dialed again;
+/// it doubles at each failure up to `MAX_REDIAL`.
+const REDIAL_FIRST: Duration = Duration::from_secs(1);
+const MAX_REDIAL: Duration = Duration::from_secs(60);
+
+/// An address whose peer is kept connected.
+struct Kept {
+    addr: Multiaddr,
+    /// Known once connected (or from the address's /p2p).
+    peer: Option<PeerId>,
+    next: Instant,
+    backoff: Duration,
+}
+
+impl Kept {
+    fn new(addr: Multiaddr) -> Kept {
+        Kept {
+            peer: peer_of(&addr),
+            addr,
+            next: Instant::now(),
+            backoff: REDIAL_FIRST,
+        }
+    }
+}
+
 /// A connection that answered no ping for this long is closed: its peer is gone.
 const SILENT_AFTER: Duration = Duration::from_secs(12);
 
@@ -126,6 +151,9 @@ enum Cmd {
     Addrs(Vec<PeerId>, oneshot::Sender<HashMap<PeerId, Vec<Multiaddr>>>),
     /// Learn addresses for a peer and dial it (peer exchange).
     Dial(PeerId, Vec<Multiaddr>),
+    /// Dial an address and keep the peer there connected (redialed with backoff); answers
+    /// with the peer once connected, or why not.
+    Keep(Multiaddr, oneshot::Sender<Result<PeerId, String>>),
     Ban(PeerId),
     Stop,
 }
@@ -139,6 +167,8 @@ pub struct Net {
     store: Arc<Store>,
     pub counters: Arc<Counters>,
     banned: Arc<Mutex<HashSet<PeerId>>>,
+    /// Peers connected (again) since the fetcher last looked: their failures are forgiven.
+    reconnected: Arc<Mutex<HashSet<PeerId>>>,
     /// Open blob streams not in use, per peer, with when each went idle.
     pool: Arc<Mutex<HashMap<PeerId, Vec<Pooled>>>>,
     bufs: Buffers,
@@ -325,12 +355,10 @@ impl Net {
                 .listen_on(addr.clone())
                 .with_context(|| format!("cannot listen on {addr}"))?;
         }
+        // Bootstrap peers are dialed by the event loop at once, and again whenever they go.
         for addr in &opts.bootstrap {
             if let Some(p) = peer_of(addr) {
                 swarm.behaviour_mut().kad.add_address(&p, addr.clone());
-            }
-            if let Err(e) = swarm.dial(addr.clone()) {
-                tracing::warn!("cannot dial bootstrap peer {addr}: {e}");
             }
         }
         for addr in &opts.external {
@@ -345,6 +373,7 @@ impl Net {
             store,
             counters: Arc::new(Counters::default()),
             banned: Arc::new(Mutex::new(HashSet::new())),
+            reconnected: Arc::default(),
             pool: Arc::default(),
             bufs: Buffers::default(),
             swarms: Arc::default(),
@@ -354,7 +383,8 @@ impl Net {
             refuse_join: opts.refuse_join,
             lie_fetching: opts.lie_fetching,
         };
-        tokio::spawn(event_loop(swarm, rx, net.banned.clone()));
+        let kept = opts.bootstrap.iter().map(|a| Kept::new(a.clone())).collect();
+        tokio::spawn(event_loop(swarm, rx, net.banned.clone(), net.reconnected.clone(), kept));
         // Every blob that becomes complete is announced: added, written, or fetched (so
         // fetched content is seeded). The hook holds only the command channel, not the store.
         let tx = net.tx.clone();
@@ -377,6 +407,28 @@ impl Net {
     /// This node's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// Dials `addr` and keeps its peer connected from now on (redialed with backoff when it
+    /// goes). Returns the peer, or why it could not be reached within `timeout`.
+    pub async fn keep(&self, addr: Multiaddr, timeout: Duration) -> Result<PeerId, String> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Cmd::Keep(addr, tx)).await.is_err() {
+            return Err("the node is stopping".into());
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("the node is stopping".into()),
+            Err(_) => Err(format!(
+                "no answer within {} s (it will be dialed again)",
+                timeout.as_secs()
+            )),
+        }
+    }
+
+    /// Peers connected since the last call (the fetcher forgives their failures).
+    pub fn take_reconnected(&self) -> HashSet<PeerId> {
+        std::mem::take(&mut *self.reconnected.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Announces that this node provides blob `h`.
@@ -876,7 +928,16 @@ impl Read for ChannelReader {
 }
 
 /// The task that owns the swarm.
-async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, banned: Arc<Mutex<HashSet<PeerId>>>) {
+async fn event_loop(
+    mut swarm: Swarm<Behaviour>,
+    mut rx: mpsc::Receiver<Cmd>,
+    banned: Arc<Mutex<HashSet<PeerId>>>,
+    reconnected: Arc<Mutex<HashSet<PeerId>>>,
+    mut kept: Vec<Kept>,
+) {
+    // Dials of kept addresses in flight, and `connect` requests waiting for theirs.
+    let mut dials: HashMap<libp2p::swarm::ConnectionId, usize> = HashMap::new();
+    let mut waiting: HashMap<libp2p::swarm::ConnectionId, oneshot::Sender<Result<PeerId, String>>> = HashMap::new();
     let mut pending: HashMap<kad::QueryId, watch::Sender<(HashSet<PeerId>, bool)>> = HashMap::new();
     let mut listen: Vec<Multiaddr> = Vec::new();
     // What each peer said it listens on (identify), for peer exchange.
@@ -902,6 +963,18 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
                     }
                 }
                 heard.retain(|_, (_, at)| now.duration_since(*at) <= SILENT_AFTER);
+                // Bootstrap peers and peers added with `connect` are dialed again when they go.
+                for (i, k) in kept.iter_mut().enumerate() {
+                    if k.peer.is_some_and(|p| swarm.is_connected(&p)) || now < k.next || dials.values().any(|&d| d == i) {
+                        continue;
+                    }
+                    tracing::debug!("dialing {} again", k.addr);
+                    let opts = libp2p::swarm::dial_opts::DialOpts::unknown_peer_id().address(k.addr.clone()).build();
+                    dials.insert(opts.connection_id(), i);
+                    let _ = swarm.dial(opts);
+                    k.next = now + k.backoff;
+                    k.backoff = (k.backoff * 2).min(MAX_REDIAL);
+                }
             }
             _ = tokio::time::sleep_until(reannounce.unwrap_or_else(tokio::time::Instant::now)), if reannounce.is_some() => {
                 reannounce = None;
@@ -948,6 +1021,30 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
                         }
                     }
                 }
+                Some(Cmd::Keep(addr, tx)) => {
+                    let i = match kept.iter().position(|k| k.addr == addr) {
+                        Some(i) => i,
+                        None => {
+                            kept.push(Kept::new(addr.clone()));
+                            kept.len() - 1
+                        }
+                    };
+                    if let Some(p) = kept[i].peer.filter(|p| swarm.is_connected(p)) {
+                        let _ = tx.send(Ok(p));
+                        continue;
+                    }
+                    let opts = libp2p::swarm::dial_opts::DialOpts::unknown_peer_id().address(addr).build();
+                    let id = opts.connection_id();
+                    match swarm.dial(opts) {
+                        Ok(()) => {
+                            dials.insert(id, i);
+                            waiting.insert(id, tx);
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e.to_string()));
+                        }
+                    }
+                }
                 Some(Cmd::Ban(p)) => {
                     let _ = swarm.disconnect_peer_id(p);
                     swarm.behaviour_mut().kad.remove_peer(&p);
@@ -980,6 +1077,16 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
                     heard.insert(connection_id, (peer_id, Instant::now()));
+                    reconnected.lock().unwrap_or_else(|e| e.into_inner()).insert(peer_id);
+                    if let Some(i) = dials.remove(&connection_id) {
+                        kept[i].peer = Some(peer_id);
+                    }
+                    for k in kept.iter_mut().filter(|k| k.peer == Some(peer_id)) {
+                        k.backoff = REDIAL_FIRST;
+                    }
+                    if let Some(tx) = waiting.remove(&connection_id) {
+                        let _ = tx.send(Ok(peer_id));
+                    }
                     if banned.lock().unwrap_or_else(|e| e.into_inner()).contains(&peer_id) {
                         let _ = swarm.disconnect_peer_id(peer_id);
                         continue;
@@ -1001,6 +1108,12 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, mut rx: mpsc::Receiver<Cmd>, ba
                         swarm.close_connection(connection);
                     }
                 },
+                SwarmEvent::OutgoingConnectionError { connection_id, error, .. } => {
+                    dials.remove(&connection_id);
+                    if let Some(tx) = waiting.remove(&connection_id) {
+                        let _ = tx.send(Err(error.to_string()));
+                    }
+                }
                 SwarmEvent::ConnectionClosed { peer_id, connection_id, cause, num_established, .. } => {
                     heard.remove(&connection_id);
                     tracing::debug!(peer = %peer_id, remaining = num_established, "connection closed: {cause:?}");

@@ -534,3 +534,65 @@ fn a_pulled_cable_fails_reads_within_the_read_timeout_and_drops_the_peer_within_
     assert!(pulled.elapsed() < Duration::from_secs(20));
     drop(db);
 }
+
+/// A TCP port free on 127.0.0.1 right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_restarted_peer_is_redialed_and_connect_adds_one_at_run_time() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, c) = (host(root.path(), "a"), host(root.path(), "b"), host(root.path(), "c"));
+    let src = root.path().join("f");
+    random_file(&src, 8);
+    let port = free_port();
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+    let mut da = Daemon::start(&a.data, &a.mnt, &["--listen", &listen]);
+    let hash = add_file(&a.data, &src);
+    let a_id = addr_of(&a.data).rsplit('/').next().unwrap().to_string();
+    let a_addr = format!("{listen}/p2p/{a_id}");
+    let db = Daemon::start(&b.data, &b.mnt, &["--bootstrap", &a_addr, "--read-timeout", "2"]);
+    let path = b.mnt.join(&hash);
+    let want = fs::read(&src).unwrap();
+    let mut head = vec![0u8; 1 << 20];
+    fs::File::open(&path).unwrap().read_exact(&mut head).unwrap();
+    // A goes away: B's reads of what it lacks fail.
+    da.stop_with("INT");
+    drop(da);
+    let (err, _) = read_until_error(&path, 4 << 20);
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    // A comes back on the same address: B dials it again by itself, and reads work.
+    let da = Daemon::start(&a.data, &a.mnt, &["--listen", &listen]);
+    let back = eventually(Duration::from_secs(20), || {
+        ok(swarmfs(&b.data, &["peers"])).lines().any(|l| l == a_id)
+    });
+    assert!(back, "B never reconnected to A: {}", db.log_text());
+    assert!(
+        eventually(Duration::from_secs(10), || fs::read(&path).is_ok_and(|got| got == want)),
+        "a read on B still fails after A came back: {}",
+        db.log_text()
+    );
+    // C starts alone; `connect` adds A at run time.
+    let dc = Daemon::start(&c.data, &c.mnt, &["--lookup-timeout", "3"]);
+    let out = ok(swarmfs(&c.data, &["connect", &a_addr]));
+    assert_eq!(out.trim(), a_id);
+    assert!(ok(swarmfs(&c.data, &["peers"])).lines().any(|l| l == a_id));
+    assert_eq!(fs::read(c.mnt.join(&hash)).unwrap(), want);
+    // Bad input: a clear one-line error.
+    let err = fails(swarmfs(&c.data, &["connect", "not-an-address"]));
+    assert!(
+        err.contains("is not a multiaddr") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    let err = fails(swarmfs(
+        &c.data,
+        &["connect", &format!("/ip4/127.0.0.1/tcp/{}", free_port())],
+    ));
+    assert!(err.contains("cannot connect to"), "{err}");
+    drop((dc, db, da));
+}
