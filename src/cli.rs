@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::hash::Hash;
 use crate::store::{self, Store, StoreError};
+use crate::ticket::Ticket;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -101,11 +102,23 @@ pub enum Command {
         #[command(flatten)]
         net: NetArgs,
     },
-    /// Connect to a peer and keep it connected (redialed when it goes); needs a running daemon
+    /// Connect to a peer (or the peers in a ticket) and keep it connected; needs a running daemon
     #[command(after_help = "Example:\n  swarmfs connect /ip4/192.0.2.7/tcp/4701/p2p/12D3KooW...")]
     Connect {
-        #[arg(value_name = "MULTIADDR")]
+        #[arg(value_name = "MULTIADDR|TICKET")]
         addr: String,
+    },
+    /// Print a ticket for a blob or file: one line holding its hash and this node's addresses
+    #[command(after_help = "Example:\n  swarmfs share ~/swarm/talk.mkv\n  swarmfs share 1f0e...9a3c")]
+    Share {
+        #[arg(value_name = "HASH|PATH")]
+        target: String,
+    },
+    /// Dial the peers in a ticket and print the path of its blob in the mount
+    #[command(after_help = "Example:\n  mpv \"$(swarmfs open swarmfs1...)\"")]
+    Open {
+        #[arg(value_name = "TICKET")]
+        ticket: String,
     },
     /// List connected peers (needs a running daemon)
     #[command(after_help = "Example:\n  swarmfs peers")]
@@ -199,6 +212,8 @@ pub struct NetArgs {
 #[derive(Clone)]
 pub struct NetCtx {
     pub fetcher: Arc<crate::fetch::Fetcher>,
+    /// The daemon's mount point, if it has one (for `open`).
+    pub mount: Option<PathBuf>,
     pub rt: tokio::runtime::Handle,
     pub lookup_timeout: std::time::Duration,
     pub read_timeout: std::time::Duration,
@@ -282,6 +297,76 @@ fn parse_hash(s: &str) -> Result<Hash> {
     Ok(s.parse::<Hash>()?)
 }
 
+/// A hash, or a ticket (which holds one, and peers that had it).
+fn parse_target(s: &str) -> Result<(Hash, Option<Ticket>)> {
+    if s.trim_start().starts_with(crate::ticket::PREFIX) {
+        let t = Ticket::decode(s)?;
+        return Ok((t.hash, Some(t)));
+    }
+    Ok((parse_hash(s)?, None))
+}
+
+/// Dials the peers in `t` (each at most `timeout`) and tells the fetcher they hold its
+/// blob. Returns the peers that connected.
+fn introduce(n: &NetCtx, t: &Ticket, timeout: std::time::Duration) -> Vec<libp2p::PeerId> {
+    let net = n.fetcher.net();
+    let tries = t
+        .dial_addrs()
+        .into_iter()
+        .map(|(p, addrs)| async move { (p, net.dial_wait(p, addrs, timeout).await) });
+    let reached: Vec<_> =
+        n.rt.block_on(futures::future::join_all(tries))
+            .into_iter()
+            .filter(|(_, ok)| *ok)
+            .map(|(p, _)| p)
+            .collect();
+    // Joining the blob's swarm starts tasks on the node's runtime.
+    let _rt = n.rt.enter();
+    n.fetcher.hint(t.hash, &reached);
+    reached
+}
+
+/// The hash that `swarmfs share` shares: a hash as given, a file in the mount by its
+/// `user.swarmfs.hash`, or any other file, added to the store first.
+fn share_target(store: &Store, s: &str, cwd: Option<&Path>, err: &mut dyn Write) -> Result<Hash> {
+    if let Ok((h, _)) = parse_target(s) {
+        return Ok(h);
+    }
+    let path = cwd.map_or_else(|| PathBuf::from(s), |c| c.join(s));
+    if let Ok(v) = xattr_hash(&path) {
+        return Ok(v);
+    }
+    if !path.exists() {
+        anyhow::bail!("{s:?} is neither a hash, a ticket, nor a file");
+    }
+    let mut sink = Vec::new();
+    if add(store, std::slice::from_ref(&path), None, false, &mut sink, err)? != 0 {
+        anyhow::bail!("cannot add {}", path.display());
+    }
+    let line = String::from_utf8_lossy(&sink);
+    parse_hash(line.split_whitespace().next().unwrap_or_default())
+}
+
+/// The `user.swarmfs.hash` of a file in a swarmfs mount.
+fn xattr_hash(path: &Path) -> Result<Hash> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut buf = [0u8; 64];
+    // SAFETY: valid NUL-terminated strings and a buffer of the length given.
+    let n = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            c"user.swarmfs.hash".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n != 64 {
+        anyhow::bail!("no swarmfs hash");
+    }
+    parse_hash(std::str::from_utf8(&buf)?)
+}
+
 /// Runs a parsed command line: the daemon, or a command (through a running daemon if there
 /// is one, else on the store directly). Returns the exit code.
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -363,6 +448,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let node = rt.block_on(crate::net::Net::start(store.clone(), key, opts))?;
             let ctx = NetCtx {
                 fetcher: crate::fetch::Fetcher::new(node, store.clone()),
+                mount: None,
                 rt: rt.handle().clone(),
                 lookup_timeout: std::time::Duration::from_secs(30),
                 read_timeout: std::time::Duration::from_secs(30),
@@ -415,6 +501,8 @@ fn forward_args(cli: &Cli) -> Result<Vec<String>> {
         Command::Providers { hash, .. } => a.extend(["providers".into(), "--".into(), hash.clone()]),
         Command::Peers => a.push("peers".into()),
         Command::Connect { addr } => a.extend(["connect".into(), "--".into(), addr.clone()]),
+        Command::Share { target } => a.extend(["share".into(), "--".into(), target.clone()]),
+        Command::Open { ticket } => a.extend(["open".into(), "--".into(), ticket.clone()]),
         Command::Status => a.push("status".into()),
         Command::Ls => a.push("ls".into()),
         Command::Gc => a.push("gc".into()),
@@ -439,8 +527,9 @@ fn forward_args(cli: &Cli) -> Result<Vec<String>> {
 fn hashes(cmd: &Command) -> Result<Vec<Hash>> {
     match cmd {
         Command::Cat { hash } | Command::Get { hash, .. } | Command::Providers { hash, .. } => {
-            Ok(vec![parse_hash(hash)?])
+            Ok(vec![parse_target(hash)?.0])
         }
+        Command::Open { ticket } => Ok(vec![parse_target(ticket)?.0]),
         Command::Pin { hashes } | Command::Unpin { hashes } | Command::Verify { hashes } => {
             hashes.iter().map(|h| parse_hash(h)).collect()
         }
@@ -461,8 +550,57 @@ pub fn execute(
     if let Some(c) = cli.cache_size {
         store.set_cache_size(c)?;
     }
+    // A ticket's peers are dialed first, and asked before any others.
+    if let (Command::Cat { hash: t } | Command::Get { hash: t, .. } | Command::Providers { hash: t, .. }, Some(n)) =
+        (&cli.command, net)
+    {
+        if let (_, Some(ticket)) = parse_target(t)? {
+            introduce(n, &ticket, n.lookup_timeout);
+        }
+    }
     match &cli.command {
         Command::Add { paths } => add(store, paths, cli.cwd.as_deref(), cli.json, out, err),
+        Command::Share { target } => {
+            let n = net.context(
+                "no daemon is running for this data directory; a ticket carries the daemon's addresses: start one with `swarmfs mount DIR`",
+            )?;
+            let h = share_target(store, target, cli.cwd.as_deref(), err)?;
+            if !store.info(&h)?.is_some_and(|i| i.complete) {
+                anyhow::bail!("blob {h} is not held whole here, so it cannot be shared from here");
+            }
+            let info = n.rt.block_on(n.fetcher.net().info());
+            let t = Ticket {
+                hash: h,
+                peers: vec![(info.peer_id.parse()?, ticket_addrs(&info))],
+            };
+            writeln!(out, "{}", t.encode())?;
+            Ok(0)
+        }
+        Command::Open { ticket } => {
+            let n = net.context("no daemon is running for this data directory; start one with `swarmfs mount DIR`")?;
+            let mount = n
+                .mount
+                .as_ref()
+                .context("the daemon has no mount; start it with `swarmfs mount DIR`")?;
+            let (h, t) = parse_target(ticket)?;
+            if let Some(t) = &t {
+                if introduce(n, t, n.lookup_timeout).is_empty() && !t.peers.is_empty() {
+                    writeln!(
+                        err,
+                        "swarmfs: no peer in the ticket answered; looking {h} up on the network"
+                    )?;
+                }
+            }
+            if n.rt.block_on(n.fetcher.size(h, n.lookup_timeout)).is_none() {
+                anyhow::bail!(
+                    "nobody has blob {h}: neither the ticket's peers nor the network answered within {} s",
+                    n.lookup_timeout.as_secs()
+                );
+            }
+            writeln!(out, "{}", mount.join(h.to_string()).display())?;
+            Ok(0)
+        }
+
         Command::Cat { .. } => {
             let complete = store.info(&hashes[0])?.is_some_and(|i| i.complete);
             if let Some(n) = net.filter(|_| !complete) {
@@ -531,19 +669,30 @@ pub fn execute(
             let n = net.context(
                 "no daemon is running for this data directory; start one with `swarmfs daemon` or `swarmfs mount DIR`",
             )?;
-            let addr: libp2p::Multiaddr = addr.parse().map_err(|e| {
-                anyhow::anyhow!("{addr:?} is not a multiaddr ({e}); try /ip4/192.0.2.7/tcp/4701/p2p/12D3KooW...")
-            })?;
-            match n.rt.block_on(n.fetcher.net().keep(addr.clone(), n.lookup_timeout)) {
-                Ok(p) => {
-                    writeln!(out, "{p}")?;
-                    Ok(0)
-                }
-                Err(e) => {
-                    writeln!(err, "swarmfs: cannot connect to {addr}: {e}")?;
-                    Ok(1)
+            let addrs: Vec<libp2p::Multiaddr> = if addr.trim_start().starts_with(crate::ticket::PREFIX) {
+                let t = Ticket::decode(addr)?;
+                t.dial_addrs().into_iter().flat_map(|(_, a)| a).collect()
+            } else {
+                vec![addr.parse().map_err(|e| {
+                    anyhow::anyhow!("{addr:?} is not a multiaddr ({e}); try /ip4/192.0.2.7/tcp/4701/p2p/12D3KooW...")
+                })?]
+            };
+            let net = n.fetcher.net();
+            let tries = addrs
+                .iter()
+                .map(|a| async move { (a, net.keep(a.clone(), n.lookup_timeout).await) });
+            let mut reached = Vec::new();
+            for (a, r) in n.rt.block_on(futures::future::join_all(tries)) {
+                match r {
+                    Ok(p) if !reached.contains(&p) => reached.push(p),
+                    Ok(_) => {}
+                    Err(e) => writeln!(err, "swarmfs: cannot connect to {a}: {e}")?,
                 }
             }
+            for p in &reached {
+                writeln!(out, "{p}")?;
+            }
+            Ok(if reached.is_empty() { 1 } else { 0 })
         }
         Command::Peers | Command::Status => {
             let n = net.context(
@@ -804,4 +953,36 @@ fn verify(store: &Store, mut hashes: Vec<Hash>, json: bool, out: &mut dyn Write)
     }
     let bad = failed || report.iter().any(|r| !r.corrupt.is_empty());
     Ok(bad as u8)
+}
+
+/// The addresses a ticket gives for this node: confirmed ones first, then every listen
+/// address, loopback last; without `/p2p` (the ticket holds the peer id once).
+fn ticket_addrs(info: &crate::net::NetInfo) -> Vec<libp2p::Multiaddr> {
+    use libp2p::multiaddr::Protocol;
+    let loopback = |a: &libp2p::Multiaddr| {
+        a.iter().any(|p| match p {
+            Protocol::Ip4(ip) => ip.is_loopback(),
+            Protocol::Ip6(ip) => ip.is_loopback(),
+            _ => false,
+        })
+    };
+    let parsed = |list: &[String]| -> Vec<libp2p::Multiaddr> {
+        list.iter()
+            .filter_map(|a| a.parse::<libp2p::Multiaddr>().ok())
+            .map(|a| a.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect())
+            .collect()
+    };
+    let listen = parsed(&info.listen);
+    let mut out: Vec<libp2p::Multiaddr> = Vec::new();
+    let ordered = parsed(&info.external)
+        .into_iter()
+        .chain(listen.iter().filter(|a| !loopback(a)).cloned())
+        .chain(listen.iter().filter(|a| loopback(a)).cloned());
+    for a in ordered {
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out.truncate(crate::ticket::MAX_ADDRS);
+    out
 }

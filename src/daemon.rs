@@ -164,6 +164,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
         .context("cannot start the node")?;
     let ctx = NetCtx {
         fetcher: Fetcher::new(node, store.clone()),
+        mount: opts.mount.clone(),
         rt: rt.handle().clone(),
         lookup_timeout: opts.lookup_timeout,
         read_timeout: opts.read_timeout,

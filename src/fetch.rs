@@ -239,6 +239,11 @@ impl Fetcher {
         }
     }
 
+    /// Tells the fetcher that `peers` hold `h` (from a ticket).
+    pub fn hint(&self, h: Hash, peers: &[PeerId]) {
+        self.remember(h, peers);
+    }
+
     fn forget(&self, h: &Hash, p: &PeerId) {
         if let Some(list) = self.providers.lock().unwrap_or_else(|e| e.into_inner()).get_mut(h) {
             list.retain(|x| x != p);

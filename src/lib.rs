@@ -27,6 +27,7 @@ pub mod net;
 pub mod protocol;
 pub mod store;
 pub mod swarm;
+pub mod ticket;
 pub mod tree;
 pub mod upload;
 

@@ -426,6 +426,22 @@ impl Net {
         }
     }
 
+    /// Dials `peer` at `addrs` (ending in its /p2p) and waits until it is connected or
+    /// `timeout` passes; returns whether it is connected.
+    pub async fn dial_wait(&self, peer: PeerId, addrs: Vec<Multiaddr>, timeout: Duration) -> bool {
+        if self.tx.send(Cmd::Dial(peer, addrs)).await.is_err() {
+            return false;
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.connected().await.contains(&peer) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
     /// Peers connected since the last call (the fetcher forgives their failures).
     pub fn take_reconnected(&self) -> HashSet<PeerId> {
         std::mem::take(&mut *self.reconnected.lock().unwrap_or_else(|e| e.into_inner()))

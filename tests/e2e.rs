@@ -596,3 +596,58 @@ fn a_restarted_peer_is_redialed_and_connect_adds_one_at_run_time() {
     assert!(err.contains("cannot connect to"), "{err}");
     drop((dc, db, da));
 }
+
+#[test]
+fn a_ticket_is_all_a_peer_needs_to_open_get_or_cat_a_file() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, c) = (host(root.path(), "a"), host(root.path(), "b"), host(root.path(), "c"));
+    let src = root.path().join("talk.mkv");
+    random_file(&src, 6);
+    let want = fs::read(&src).unwrap();
+    let hash = b3(&src);
+    let da = Daemon::start(&a.data, &a.mnt, &[]);
+    sh(&format!("cp {} {}/talk.mkv", src.display(), a.mnt.display()));
+    // A file in the mount, its hash, or a file elsewhere: each gives a ticket for it.
+    let ticket = ok(swarmfs(&a.data, &["share", &a.mnt.join("talk.mkv").to_string_lossy()]))
+        .trim()
+        .to_string();
+    assert!(
+        ticket.starts_with("swarmfs1") && !ticket.contains(char::is_whitespace),
+        "{ticket}"
+    );
+    assert_eq!(ok(swarmfs(&a.data, &["share", &hash])).trim(), ticket);
+    let other = root.path().join("other");
+    fs::write(&other, b"not in the mount\n").unwrap();
+    let t2 = ok(swarmfs(&a.data, &["share", &other.to_string_lossy()]));
+    assert_eq!(
+        swarmfs::ticket::Ticket::decode(&t2).unwrap().hash,
+        swarmfs::Hash::of(b"not in the mount\n")
+    );
+    // B knows nobody: the ticket alone opens the file in B's mount.
+    let db = Daemon::start(&b.data, &b.mnt, &["--lookup-timeout", "5"]);
+    let path = ok(swarmfs(&b.data, &["open", &ticket]));
+    assert_eq!(path.trim(), b.mnt.join(&hash).to_string_lossy());
+    assert_eq!(fs::read(path.trim()).unwrap(), want);
+    // C has no daemon: get and cat take the ticket too.
+    let out = root.path().join("copy");
+    ok(swarmfs(&c.data, &["get", "--no-mdns", &ticket, "-o"]).arg(&out));
+    assert_eq!(fs::read(&out).unwrap(), want);
+    let mut cat = swarmfs(&c.data, &["cat", &ticket]);
+    assert_eq!(run(&mut cat).stdout, want);
+    // Cut, garbled or foreign tickets: one line that says which.
+    for (bad, says) in [
+        (&ticket[..ticket.len() - 10], "cut short or altered"),
+        (&ticket.replacen("swarmfs1", "swarmfs9", 1)[..], "version 9"),
+        ("swarmfs1abc$", "cannot be in one"),
+    ] {
+        let err = fails(swarmfs(&b.data, &["open", bad]));
+        assert!(err.contains(says) && err.trim().lines().count() == 1, "{bad}: {err}");
+    }
+    let err = fails(swarmfs(&a.data, &["share", &"ab".repeat(32)]));
+    assert!(err.contains("not held whole here"), "{err}");
+    // connect and providers take a ticket as well.
+    let a_id = addr_of(&a.data).rsplit('/').next().unwrap().to_string();
+    assert_eq!(ok(swarmfs(&b.data, &["connect", &ticket])).trim(), a_id);
+    assert!(ok(swarmfs(&b.data, &["providers", &ticket])).contains(&a_id));
+    drop((db, da));
+}
