@@ -108,6 +108,16 @@ pub enum Command {
         #[arg(value_name = "MULTIADDR|TICKET")]
         addr: String,
     },
+    /// Private swarms: `swarm-key new` writes DATA_DIR/swarm.key (0600); nodes with the same
+    /// key talk only to each other
+    #[command(
+        name = "swarm-key",
+        after_help = "Example:\n  swarmfs swarm-key new && scp ~/.local/share/swarmfs/swarm.key other:.local/share/swarmfs/"
+    )]
+    SwarmKey {
+        #[command(subcommand)]
+        action: SwarmKeyAction,
+    },
     /// Print a ticket for a blob or file: one line holding its hash and this node's addresses
     #[command(after_help = "Example:\n  swarmfs share ~/swarm/talk.mkv\n  swarmfs share 1f0e...9a3c")]
     Share {
@@ -155,6 +165,13 @@ pub enum Command {
 
 /// The longest timeout an option takes: a day.
 const MAX_SECS: u64 = 86400;
+
+/// What `swarm-key` does.
+#[derive(Debug, Subcommand)]
+pub enum SwarmKeyAction {
+    /// Write a new random key to DATA_DIR/swarm.key; an existing key is never overwritten
+    New,
+}
 
 /// Options of the daemon.
 #[derive(Debug, Clone, clap::Args)]
@@ -401,6 +418,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 lie_have: opts.test_lie_have,
                 refuse_join: opts.test_refuse_join,
                 lie_fetching: false,
+                psk: crate::net::load_swarm_key(&dir)?,
             },
         })?;
         Ok(ExitCode::SUCCESS)
@@ -408,6 +426,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Mount { dir: m, opts } => return daemon(Some(m.clone()), opts),
         Command::Daemon { mount, opts } => return daemon(mount.clone(), opts),
+        Command::SwarmKey {
+            action: SwarmKeyAction::New,
+        } => {
+            let path = crate::net::new_swarm_key(&dir)?;
+            println!("{}", path.display());
+            eprintln!("swarmfs: copy this file to the data directory of every node of the private swarm; restart the daemon to use it");
+            return Ok(ExitCode::SUCCESS);
+        }
         _ => {}
     }
     // Check hashes before anything else, so a typo costs nothing.
@@ -437,6 +463,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let opts = crate::net::NetOptions {
                 listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid")],
                 bootstrap: Config::load(&dir)?.bootstrap(&net.bootstrap)?,
+                psk: crate::net::load_swarm_key(&dir)?,
                 external: Vec::new(),
                 mdns: !net.no_mdns,
                 corrupt_responses: false,
@@ -518,7 +545,7 @@ fn forward_args(cli: &Cli) -> Result<Vec<String>> {
             a.push("--".into());
             a.extend(hashes.iter().cloned());
         }
-        Command::Mount { .. } | Command::Daemon { .. } => unreachable!("handled before"),
+        Command::Mount { .. } | Command::Daemon { .. } | Command::SwarmKey { .. } => unreachable!("handled before"),
     }
     Ok(a)
 }
@@ -764,7 +791,7 @@ pub fn execute(
         }
         Command::Gc => gc(store, cli.json, out),
         Command::Verify { .. } => verify(store, hashes, cli.json, out),
-        Command::Mount { .. } | Command::Daemon { .. } => {
+        Command::Mount { .. } | Command::Daemon { .. } | Command::SwarmKey { .. } => {
             bail!("a daemon is already running for this data directory")
         }
     }

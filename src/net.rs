@@ -14,7 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -108,6 +108,9 @@ pub struct NetOptions {
     /// Addresses others can dial this node at, known beforehand (a port forward, say).
     pub external: Vec<Multiaddr>,
     pub mdns: bool,
+    /// A private swarm's pre-shared key (`DATA_DIR/swarm.key`): only nodes with the same key
+    /// can connect.
+    pub psk: Option<libp2p::pnet::PreSharedKey>,
     /// Tests only: corrupt one byte of every response body (see the malicious-peer test).
     pub corrupt_responses: bool,
     /// Tests only: claim every group of every blob in have-maps (see the lying-peer test).
@@ -255,6 +258,47 @@ pub struct Fetched {
     pub complete: bool,
 }
 
+/// The private swarm's key from `DATA_DIR/swarm.key`, if there is one (Kubo's format:
+/// `/key/swarm/psk/1.0.0/`, `/base16/`, 64 hex digits).
+pub fn load_swarm_key(data_dir: &Path) -> Result<Option<libp2p::pnet::PreSharedKey>> {
+    let path = data_dir.join("swarm.key");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let psk: libp2p::pnet::PreSharedKey = text.parse().map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is not a swarm key ({e}); make one with `swarmfs swarm-key new`",
+                    path.display()
+                )
+            })?;
+            tracing::info!(fingerprint = %psk.fingerprint(), "private swarm: only nodes with this key connect");
+            Ok(Some(psk))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Writes a new random swarm key to `DATA_DIR/swarm.key` (0600); never overwrites one.
+pub fn new_swarm_key(data_dir: &Path) -> Result<PathBuf> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("swarm.key");
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("cannot read /dev/urandom")?;
+    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot create {} (a swarm key is never overwritten)", path.display()))?;
+    writeln!(f, "{}", libp2p::pnet::PreSharedKey::new(bytes))?;
+    f.sync_all()?;
+    Ok(path)
+}
+
 /// Loads the node's key from `DATA_DIR/identity.key` (mode 0600), creating it the first time,
 /// so the peer id is the same across restarts.
 pub fn load_identity(data_dir: &Path) -> Result<Keypair> {
@@ -310,11 +354,24 @@ impl Net {
         let peer_id = key.public().to_peer_id();
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )?
+            .with_other_transport(|key| {
+                use libp2p::core::{muxing::StreamMuxerBox, upgrade::Version};
+                use libp2p::Transport;
+                let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+                // In a private swarm every connection first proves the key (libp2p's pnet,
+                // Kubo's format), and only then runs noise and yamux.
+                let base = match opts.psk {
+                    Some(psk) => either::Either::Left(
+                        tcp.and_then(move |socket, _| libp2p::pnet::PnetConfig::new(psk).handshake(socket)),
+                    ),
+                    None => either::Either::Right(tcp),
+                };
+                Ok(base
+                    .upgrade(Version::V1Lazy)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default())
+                    .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer))))
+            })?
             .with_behaviour(|key| {
                 let mut cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
                 cfg.set_query_timeout(Duration::from_secs(30));

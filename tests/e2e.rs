@@ -651,3 +651,48 @@ fn a_ticket_is_all_a_peer_needs_to_open_get_or_cat_a_file() {
     assert!(ok(swarmfs(&b.data, &["providers", &ticket])).contains(&a_id));
     drop((db, da));
 }
+
+#[test]
+fn a_private_swarm_talks_only_to_nodes_with_its_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let hosts: Vec<Host> = ["a", "b", "c", "d"].iter().map(|n| host(root.path(), n)).collect();
+    let (a, b, c, d) = (&hosts[0], &hosts[1], &hosts[2], &hosts[3]);
+    // A makes the key and B gets a copy; C makes a key of its own; D has none.
+    let key = ok(swarmfs(&a.data, &["swarm-key", "new"]));
+    assert_eq!(key.trim(), a.data.join("swarm.key").to_string_lossy());
+    let text = fs::read_to_string(a.data.join("swarm.key")).unwrap();
+    assert!(text.starts_with("/key/swarm/psk/1.0.0/\n/base16/\n"), "{text}");
+    assert_eq!(
+        fs::metadata(a.data.join("swarm.key")).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let err = fails(swarmfs(&a.data, &["swarm-key", "new"]));
+    assert!(err.contains("never overwritten"), "{err}");
+    fs::create_dir_all(&b.data).unwrap();
+    fs::write(b.data.join("swarm.key"), &text).unwrap();
+    ok(swarmfs(&c.data, &["swarm-key", "new"]));
+    let src = root.path().join("f");
+    random_file(&src, 2);
+    let want = fs::read(&src).unwrap();
+    let da = Daemon::start(&a.data, &a.mnt, &[]);
+    let hash = add_file(&a.data, &src);
+    let a_addr = addr_of(&a.data);
+    let a_id = a_addr.rsplit('/').next().unwrap().to_string();
+    // Same key: shares as usual.
+    let db = Daemon::start(&b.data, &b.mnt, &["--bootstrap", &a_addr]);
+    assert_eq!(fs::read(b.mnt.join(&hash)).unwrap(), want);
+    // Another key, or none: no connection, nothing fetched.
+    for h in [c, d] {
+        let dx = Daemon::start(&h.data, &h.mnt, &["--bootstrap", &a_addr, "--lookup-timeout", "2"]);
+        assert!(fs::metadata(h.mnt.join(&hash)).is_err(), "fetched without the key");
+        assert!(!ok(swarmfs(&h.data, &["peers"])).contains(&a_id));
+        assert!(fails(swarmfs(&h.data, &["connect", &a_addr])).contains("cannot connect"));
+        drop(dx);
+    }
+    // A broken key file is refused with a clear error.
+    fs::write(d.data.join("swarm.key"), "not a key\n").unwrap();
+    let err = fails(swarmfs(&d.data, &["mount", &d.mnt.to_string_lossy(), "--no-mdns"]));
+    assert!(err.contains("is not a swarm key"), "{err}");
+    drop((db, da));
+}
