@@ -63,6 +63,21 @@ const CHUNK: usize = 128 * 1024;
 const SPARE_BUFFERS: usize = 64;
 /// How often peers are pinged, and how long a ping may take.
 const PING_EVERY: Duration = Duration::from_secs(4);
+/// How long a new connection may take to finish its handshakes.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connection limits: a flood of connections (idle sockets, or many peers at once) is turned
+/// away at accept, so it cannot use up the daemon's descriptors, which the mount, the store
+/// and the control socket need too.
+fn limits() -> libp2p::connection_limits::ConnectionLimits {
+    libp2p::connection_limits::ConnectionLimits::default()
+        .with_max_pending_incoming(Some(64))
+        .with_max_pending_outgoing(Some(128))
+        .with_max_established_incoming(Some(256))
+        .with_max_established(Some(512))
+        .with_max_established_per_peer(Some(4))
+}
+
 /// The first wait before a kept peer (bootstrap, `connect`) that went away is dialed again;
 /// it doubles at each failure up to `MAX_REDIAL`.
 const REDIAL_FIRST: Duration = Duration::from_secs(1);
@@ -98,6 +113,7 @@ struct Behaviour {
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
     stream: libp2p_stream::Behaviour,
+    limits: libp2p::connection_limits::Behaviour,
 }
 
 /// How the node runs.
@@ -370,6 +386,9 @@ impl Net {
                     .upgrade(Version::V1Lazy)
                     .authenticate(noise::Config::new(key)?)
                     .multiplex(yamux::Config::default())
+                    // A connection that does not finish its handshake goes (a flood of
+                    // idle sockets holds no descriptors for long).
+                    .timeout(HANDSHAKE_TIMEOUT)
                     .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer))))
             })?
             .with_behaviour(|key| {
@@ -403,6 +422,7 @@ impl Net {
                     ping: ping::Behaviour::new(ping::Config::new().with_interval(PING_EVERY).with_timeout(PING_EVERY)),
                     mdns: Toggle::from(mdns),
                     stream: libp2p_stream::Behaviour::new(),
+                    limits: libp2p::connection_limits::Behaviour::new(limits()),
                 })
             })?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))

@@ -696,3 +696,43 @@ fn a_private_swarm_talks_only_to_nodes_with_its_key() {
     assert!(err.contains("is not a swarm key"), "{err}");
     drop((db, da));
 }
+
+#[test]
+fn a_connection_flood_leaves_the_mount_the_control_socket_and_honest_peers_working() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (host(root.path(), "a"), host(root.path(), "b"));
+    let src = root.path().join("f");
+    random_file(&src, 4);
+    let want = fs::read(&src).unwrap();
+    let da = Daemon::start_limited(1024, &a.data, &a.mnt, &[]);
+    let hash = add_file(&a.data, &src);
+    let a_addr = addr_of(&a.data);
+    let port: u16 = a_addr.split('/').nth(4).unwrap().parse().unwrap();
+    // B, an honest peer, is connected before the flood.
+    let db = Daemon::start(&b.data, &b.mnt, &["--bootstrap", &a_addr]);
+    let a_id = a_addr.rsplit('/').next().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(10), || ok(swarmfs(&b.data, &["peers"]))
+        .contains(&a_id)));
+    // 1,100 idle TCP connections to A's libp2p port, held open; this process may hold them.
+    unsafe {
+        let lim = libc::rlimit {
+            rlim_cur: 4096,
+            rlim_max: 4096,
+        };
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    let flood: Vec<std::net::TcpStream> = (0..1100)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    assert!(flood.len() > 1000, "only {} connections opened", flood.len());
+    std::thread::sleep(Duration::from_millis(500));
+    // Everything else still works on A: copies into the mount, blob reads, the CLI.
+    fs::write(a.mnt.join("during-flood"), b"still here\n").unwrap();
+    assert_eq!(fs::read(a.mnt.join("during-flood")).unwrap(), b"still here\n");
+    assert_eq!(fs::read(a.mnt.join(&hash)).unwrap(), want);
+    ok(swarmfs(&a.data, &["status"]));
+    // And the honest peer fetches from A.
+    assert_eq!(fs::read(b.mnt.join(&hash)).unwrap(), want, "{}", da.log_text());
+    drop(flood);
+    drop((db, da));
+}

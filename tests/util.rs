@@ -180,6 +180,18 @@ impl Daemon {
         Daemon::launch(c, data, mnt, extra)
     }
 
+    /// `start`, with the daemon's descriptors limited to `nofile` (soft and hard).
+    pub fn start_limited(nofile: u32, data: &Path, mnt: &Path, extra: &[&str]) -> Daemon {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_swarmfs"))
+            .arg("--data-dir")
+            .arg(data)
+            .arg("mount");
+        Daemon::launch(c, data, mnt, extra)
+    }
+
     fn launch(mut cmd: Command, data: &Path, mnt: &Path, extra: &[&str]) -> Daemon {
         // A stale mount (a killed daemon) answers ENOTCONN, which create_dir_all takes for
         // "missing"; the daemon cleans it up.
