@@ -195,6 +195,12 @@ pub struct DaemonArgs {
     /// Serve every read through the daemon, never by FUSE passthrough
     #[arg(long)]
     pub no_passthrough: bool,
+    /// Most bytes per second that serving blobs to peers may send, all together (e.g. 10M)
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub max_upload_rate: Option<u64>,
+    /// Most bytes per second that fetching blobs may receive, all together (e.g. 50M)
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub max_download_rate: Option<u64>,
     /// Let other users use the mount; the kernel checks each access against the name's mode
     /// and owner. A daemon not run as root needs `user_allow_other` in /etc/fuse.conf.
     #[arg(long)]
@@ -419,6 +425,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 refuse_join: opts.test_refuse_join,
                 lie_fetching: false,
                 psk: crate::net::load_swarm_key(&dir)?,
+                max_upload_rate: opts.max_upload_rate,
+                max_download_rate: opts.max_download_rate,
             },
         })?;
         Ok(ExitCode::SUCCESS)
@@ -464,6 +472,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid")],
                 bootstrap: Config::load(&dir)?.bootstrap(&net.bootstrap)?,
                 psk: crate::net::load_swarm_key(&dir)?,
+                max_upload_rate: None,
+                max_download_rate: None,
                 external: Vec::new(),
                 mdns: !net.no_mdns,
                 corrupt_responses: false,

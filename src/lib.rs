@@ -25,6 +25,7 @@ pub mod hash;
 pub mod names;
 pub mod net;
 pub mod protocol;
+pub mod rate;
 pub mod store;
 pub mod swarm;
 pub mod ticket;

@@ -127,6 +127,9 @@ pub struct NetOptions {
     /// A private swarm's pre-shared key (`DATA_DIR/swarm.key`): only nodes with the same key
     /// can connect.
     pub psk: Option<libp2p::pnet::PreSharedKey>,
+    /// Bytes per second all blob responses together may send, and receive.
+    pub max_upload_rate: Option<u64>,
+    pub max_download_rate: Option<u64>,
     /// Tests only: corrupt one byte of every response body (see the malicious-peer test).
     pub corrupt_responses: bool,
     /// Tests only: claim every group of every blob in have-maps (see the lying-peer test).
@@ -186,6 +189,9 @@ pub struct Net {
     store: Arc<Store>,
     pub counters: Arc<Counters>,
     banned: Arc<Mutex<HashSet<PeerId>>>,
+    /// The limits of `--max-upload-rate` and `--max-download-rate`.
+    up_rate: Option<Arc<crate::rate::Rate>>,
+    down_rate: Option<Arc<crate::rate::Rate>>,
     /// Peers connected (again) since the fetcher last looked: their failures are forgiven.
     reconnected: Arc<Mutex<HashSet<PeerId>>>,
     /// Open blob streams not in use, per peer, with when each went idle.
@@ -451,6 +457,8 @@ impl Net {
             counters: Arc::new(Counters::default()),
             banned: Arc::new(Mutex::new(HashSet::new())),
             reconnected: Arc::default(),
+            up_rate: opts.max_upload_rate.map(|r| Arc::new(crate::rate::Rate::new(r))),
+            down_rate: opts.max_download_rate.map(|r| Arc::new(crate::rate::Rate::new(r))),
             pool: Arc::default(),
             bufs: Buffers::default(),
             swarms: Arc::default(),
@@ -737,6 +745,9 @@ impl Net {
                 chunk[i] ^= 0x01;
                 first = false;
             }
+            if let Some(r) = &self.up_rate {
+                r.take(chunk.len() as u64).await;
+            }
             stream.write_all(&chunk).await?;
             self.counters.sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             self.swarms.sent(hash, peer, chunk.len() as u64);
@@ -873,6 +884,10 @@ impl Net {
                 }
             }
             self.counters.received.fetch_add(got as u64, Ordering::Relaxed);
+            if let Some(r) = &self.down_rate {
+                // Reading slower slows the sender (flow control).
+                r.take(got as u64).await;
+            }
             self.swarms.received(h, peer, got as u64);
             left -= got as u64;
             buf.truncate(got);
