@@ -130,8 +130,8 @@ pub enum Command {
         #[arg(value_name = "TICKET")]
         ticket: String,
     },
-    /// List connected peers (needs a running daemon)
-    #[command(after_help = "Example:\n  swarmfs peers")]
+    /// List connected peers: id, direct or relayed, address, round-trip time (needs a running daemon)
+    #[command(after_help = "Example:\n  swarmfs peers\n  swarmfs peers --json")]
     Peers,
     /// Show the node: peer id, addresses, peers, cache, transfers (needs a running daemon)
     #[command(after_help = "Example:\n  swarmfs status --json")]
@@ -737,8 +737,16 @@ pub fn execute(
             )?;
             let info = n.rt.block_on(n.fetcher.net().info());
             if matches!(cli.command, Command::Peers) {
-                for p in &info.peers {
-                    writeln!(out, "{p}")?;
+                let peers = n.rt.block_on(n.fetcher.net().peer_details());
+                if cli.json {
+                    serde_json::to_writer_pretty(&mut *out, &peers)?;
+                    writeln!(out)?;
+                } else {
+                    for p in &peers {
+                        let rtt = p.rtt_ms.map_or("-".to_string(), |r| format!("{r:.1} ms"));
+                        let how = if p.direct { "direct" } else { "relayed" };
+                        writeln!(out, "{}  {how}  {}  {rtt}", p.peer, p.address)?;
+                    }
                 }
                 return Ok(0);
             }

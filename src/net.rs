@@ -154,6 +154,18 @@ pub struct NetInfo {
     pub bytes_received: u64,
 }
 
+/// What `swarmfs peers` shows of one connected peer.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerDetail {
+    pub peer: String,
+    /// The address of its connection (the first, if it has several).
+    pub address: String,
+    /// Direct, or through a relay (`/p2p-circuit`).
+    pub direct: bool,
+    /// The last ping's round trip, in milliseconds.
+    pub rtt_ms: Option<f64>,
+}
+
 /// Bytes moved by the blob protocol.
 #[derive(Default)]
 pub struct Counters {
@@ -177,6 +189,8 @@ enum Cmd {
     /// with the peer once connected, or why not.
     Keep(Multiaddr, oneshot::Sender<Result<PeerId, String>>),
     Ban(PeerId),
+    /// Each connected peer: its address, whether direct, its last round-trip time.
+    Peers(oneshot::Sender<Vec<PeerDetail>>),
     Stop,
 }
 
@@ -588,6 +602,15 @@ impl Net {
             bytes_sent: self.counters.sent.load(Ordering::Relaxed),
             bytes_received: self.counters.received.load(Ordering::Relaxed),
         }
+    }
+
+    /// Each connected peer with its address, whether it is direct, and its round-trip time.
+    pub async fn peer_details(&self) -> Vec<PeerDetail> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Cmd::Peers(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
     }
 
     /// Connected peers, not banned.
@@ -1059,6 +1082,8 @@ async fn event_loop(
     // reports the first failure of a connection silently, and a second only after a stream
     // upgrade times out).
     let mut heard: HashMap<libp2p::swarm::ConnectionId, (PeerId, Instant)> = HashMap::new();
+    // Each connection's remote address and last round trip, for `peers`.
+    let mut conns: HashMap<libp2p::swarm::ConnectionId, (PeerId, Multiaddr, Option<Duration>)> = HashMap::new();
     let mut liveness = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -1153,6 +1178,25 @@ async fn event_loop(
                         }
                     }
                 }
+                Some(Cmd::Peers(tx)) => {
+                    let mut list: Vec<PeerDetail> = Vec::new();
+                    let mut ids: Vec<_> = conns.keys().copied().collect();
+                    ids.sort();
+                    for id in ids {
+                        let (p, addr, rtt) = &conns[&id];
+                        if list.iter().any(|d| d.peer == p.to_string()) {
+                            continue;
+                        }
+                        list.push(PeerDetail {
+                            peer: p.to_string(),
+                            address: addr.iter().filter(|x| !matches!(x, Protocol::P2p(_))).collect::<Multiaddr>().to_string(),
+                            direct: !addr.iter().any(|x| matches!(x, Protocol::P2pCircuit)),
+                            rtt_ms: rtt.map(|d| d.as_secs_f64() * 1000.0),
+                        });
+                    }
+                    list.sort_by(|a, b| a.peer.cmp(&b.peer));
+                    let _ = tx.send(list);
+                }
                 Some(Cmd::Ban(p)) => {
                     let _ = swarm.disconnect_peer_id(p);
                     swarm.behaviour_mut().kad.remove_peer(&p);
@@ -1185,6 +1229,7 @@ async fn event_loop(
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
                     heard.insert(connection_id, (peer_id, Instant::now()));
+                    conns.insert(connection_id, (peer_id, endpoint.get_remote_address().clone(), None));
                     reconnected.lock().unwrap_or_else(|e| e.into_inner()).insert(peer_id);
                     if let Some(i) = dials.remove(&connection_id) {
                         kept[i].peer = Some(peer_id);
@@ -1208,8 +1253,11 @@ async fn event_loop(
                     }
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result })) => match result {
-                    Ok(_) => {
+                    Ok(rtt) => {
                         heard.insert(connection, (peer, Instant::now()));
+                        if let Some(c) = conns.get_mut(&connection) {
+                            c.2 = Some(rtt);
+                        }
                     }
                     Err(e) => {
                         tracing::info!(%peer, "{e}: closing the connection");
@@ -1224,6 +1272,7 @@ async fn event_loop(
                 }
                 SwarmEvent::ConnectionClosed { peer_id, connection_id, cause, num_established, .. } => {
                     heard.remove(&connection_id);
+                    conns.remove(&connection_id);
                     tracing::debug!(peer = %peer_id, remaining = num_established, "connection closed: {cause:?}");
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {

@@ -288,7 +288,10 @@ fn mdns_finds_a_peer_on_the_local_network() {
     let hash = add_file(&da, &src);
     let a_id = addr_of(&da).rsplit('/').next().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !ok(swarmfs(&db, &["peers"])).lines().any(|l| l == a_id) {
+    while !ok(swarmfs(&db, &["peers"]))
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(a_id.as_str()))
+    {
         assert!(Instant::now() < deadline, "B never found A by mDNS");
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -569,7 +572,9 @@ fn a_restarted_peer_is_redialed_and_connect_adds_one_at_run_time() {
     // A comes back on the same address: B dials it again by itself, and reads work.
     let da = Daemon::start(&a.data, &a.mnt, &["--listen", &listen]);
     let back = eventually(Duration::from_secs(20), || {
-        ok(swarmfs(&b.data, &["peers"])).lines().any(|l| l == a_id)
+        ok(swarmfs(&b.data, &["peers"]))
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(a_id.as_str()))
     });
     assert!(back, "B never reconnected to A: {}", db.log_text());
     assert!(
@@ -581,8 +586,33 @@ fn a_restarted_peer_is_redialed_and_connect_adds_one_at_run_time() {
     let dc = Daemon::start(&c.data, &c.mnt, &["--lookup-timeout", "3"]);
     let out = ok(swarmfs(&c.data, &["connect", &a_addr]));
     assert_eq!(out.trim(), a_id);
-    assert!(ok(swarmfs(&c.data, &["peers"])).lines().any(|l| l == a_id));
+    assert!(ok(swarmfs(&c.data, &["peers"]))
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(a_id.as_str())));
     assert_eq!(fs::read(c.mnt.join(&hash)).unwrap(), want);
+    // `peers` says how each peer is reached: direct, its address, its round trip.
+    let detail = || -> serde_json::Value {
+        let all: serde_json::Value = serde_json::from_str(&ok(swarmfs(&c.data, &["--json", "peers"]))).unwrap();
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["peer"] == a_id.as_str())
+            .cloned()
+            .unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || detail()["rtt_ms"].is_number()),
+        "{}",
+        detail()
+    );
+    let d = detail();
+    assert_eq!(d["direct"], true);
+    assert_eq!(d["address"], listen.as_str());
+    let line = ok(swarmfs(&c.data, &["peers"]));
+    assert!(
+        line.contains(&format!("{a_id}  direct  {listen}  ")) && line.contains(" ms"),
+        "{line}"
+    );
     // Bad input: a clear one-line error.
     let err = fails(swarmfs(&c.data, &["connect", "not-an-address"]));
     assert!(
