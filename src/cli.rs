@@ -345,13 +345,13 @@ fn introduce(n: &NetCtx, t: &Ticket, timeout: std::time::Duration) -> Vec<libp2p
             .collect();
     // Joining the blob's swarm starts tasks on the node's runtime.
     let _rt = n.rt.enter();
-    n.fetcher.hint(t.hash, &reached);
+    n.fetcher.remember(t.hash, &reached);
     reached
 }
 
 /// The hash that `swarmfs share` shares: a hash as given, a file in the mount by its
-/// `user.swarmfs.hash`, or any other file, added to the store first.
-fn share_target(store: &Store, s: &str, cwd: Option<&Path>, err: &mut dyn Write) -> Result<Hash> {
+/// `user.swarmfs.hash`, or any other file, added to the store (and pinned) first.
+fn share_target(store: &Store, s: &str, cwd: Option<&Path>) -> Result<Hash> {
     if let Ok((h, _)) = parse_target(s) {
         return Ok(h);
     }
@@ -362,12 +362,7 @@ fn share_target(store: &Store, s: &str, cwd: Option<&Path>, err: &mut dyn Write)
     if !path.exists() {
         anyhow::bail!("{s:?} is neither a hash, a ticket, nor a file");
     }
-    let mut sink = Vec::new();
-    if add(store, std::slice::from_ref(&path), None, false, &mut sink, err)? != 0 {
-        anyhow::bail!("cannot add {}", path.display());
-    }
-    let line = String::from_utf8_lossy(&sink);
-    parse_hash(line.split_whitespace().next().unwrap_or_default())
+    Ok(store.import_file(&path, true)?.0)
 }
 
 /// The `user.swarmfs.hash` of a file in a swarmfs mount.
@@ -601,7 +596,7 @@ pub fn execute(
             let n = net.context(
                 "no daemon is running for this data directory; a ticket carries the daemon's addresses: start one with `swarmfs mount DIR`",
             )?;
-            let h = share_target(store, target, cli.cwd.as_deref(), err)?;
+            let h = share_target(store, target, cli.cwd.as_deref())?;
             if !store.info(&h)?.is_some_and(|i| i.complete) {
                 anyhow::bail!("blob {h} is not held whole here, so it cannot be shared from here");
             }
@@ -1014,7 +1009,7 @@ fn ticket_addrs(info: &crate::net::NetInfo) -> Vec<libp2p::Multiaddr> {
     let parsed = |list: &[String]| -> Vec<libp2p::Multiaddr> {
         list.iter()
             .filter_map(|a| a.parse::<libp2p::Multiaddr>().ok())
-            .map(|a| a.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect())
+            .map(|a| crate::net::without_peer(&a))
             .collect()
     };
     let listen = parsed(&info.listen);

@@ -223,8 +223,9 @@ impl Fetcher {
         all
     }
 
-    /// Adds providers of `h`, and joins each in the blob's swarm (have-maps and peers).
-    fn remember(&self, h: Hash, peers: &[PeerId]) {
+    /// Adds providers of `h` (found, or named by a ticket), and joins each in the blob's
+    /// swarm (have-maps and peers).
+    pub fn remember(&self, h: Hash, peers: &[PeerId]) {
         {
             let mut m = self.providers.lock().unwrap_or_else(|e| e.into_inner());
             let list = m.entry(h).or_default();
@@ -237,11 +238,6 @@ impl Fetcher {
         for p in peers {
             self.net.join(h, *p);
         }
-    }
-
-    /// Tells the fetcher that `peers` hold `h` (from a ticket).
-    pub fn hint(&self, h: Hash, peers: &[PeerId]) {
-        self.remember(h, peers);
     }
 
     fn forget(&self, h: &Hash, p: &PeerId) {

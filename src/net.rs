@@ -103,6 +103,15 @@ impl Kept {
     }
 }
 
+/// An open connection, as the event loop keeps it.
+struct Conn {
+    peer: PeerId,
+    addr: Multiaddr,
+    /// When it last answered a ping, or opened.
+    heard: Instant,
+    rtt: Option<Duration>,
+}
+
 /// A connection that answered no ping for this long is closed: its peer is gone.
 const SILENT_AFTER: Duration = Duration::from_secs(12);
 
@@ -374,6 +383,11 @@ fn provide_soon(tx: &mpsc::Sender<Cmd>, h: Hash) {
 
 fn record_key(h: &Hash) -> kad::RecordKey {
     kad::RecordKey::new(h.as_bytes())
+}
+
+/// `a` without its `/p2p/ID`.
+pub fn without_peer(a: &Multiaddr) -> Multiaddr {
+    a.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect()
 }
 
 /// The peer id at the end of a multiaddr, if any.
@@ -1077,25 +1091,24 @@ async fn event_loop(
     // When to announce every provided blob again, so that the records carry an address that
     // was confirmed after they were first announced (debounced: confirmations come in bursts).
     let mut reannounce: Option<tokio::time::Instant> = None;
-    // When each connection last answered a ping (or opened): one silent for `SILENT_AFTER`
-    // is closed, so a peer whose cable was pulled leaves within about 15 s (libp2p's ping
-    // reports the first failure of a connection silently, and a second only after a stream
-    // upgrade times out).
-    let mut heard: HashMap<libp2p::swarm::ConnectionId, (PeerId, Instant)> = HashMap::new();
-    // Each connection's remote address and last round trip, for `peers`.
-    let mut conns: HashMap<libp2p::swarm::ConnectionId, (PeerId, Multiaddr, Option<Duration>)> = HashMap::new();
+    // Each open connection: its peer, its remote address, when it last answered a ping (or
+    // opened) and that ping's round trip. One silent for `SILENT_AFTER` is closed, so a peer
+    // whose cable was pulled leaves within about 15 s (libp2p's ping reports the first failure
+    // of a connection silently, and a second only after a stream upgrade times out).
+    let mut conns: HashMap<libp2p::swarm::ConnectionId, Conn> = HashMap::new();
     let mut liveness = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = liveness.tick() => {
                 let now = Instant::now();
-                for (conn, (peer, at)) in &heard {
-                    if now.duration_since(*at) > SILENT_AFTER {
-                        tracing::info!(%peer, "no answer to pings for {} s: closing the connection", SILENT_AFTER.as_secs());
-                        swarm.close_connection(*conn);
+                conns.retain(|id, c| {
+                    let silent = now.duration_since(c.heard) > SILENT_AFTER;
+                    if silent {
+                        tracing::info!(peer = %c.peer, "no answer to pings for {} s: closing the connection", SILENT_AFTER.as_secs());
+                        swarm.close_connection(*id);
                     }
-                }
-                heard.retain(|_, (_, at)| now.duration_since(*at) <= SILENT_AFTER);
+                    !silent
+                });
                 // Bootstrap peers and peers added with `connect` are dialed again when they go.
                 for (i, k) in kept.iter_mut().enumerate() {
                     if k.peer.is_some_and(|p| swarm.is_connected(&p)) || now < k.next || dials.values().any(|&d| d == i) {
@@ -1183,15 +1196,15 @@ async fn event_loop(
                     let mut ids: Vec<_> = conns.keys().copied().collect();
                     ids.sort();
                     for id in ids {
-                        let (p, addr, rtt) = &conns[&id];
-                        if list.iter().any(|d| d.peer == p.to_string()) {
+                        let c = &conns[&id];
+                        if list.iter().any(|d| d.peer == c.peer.to_string()) {
                             continue;
                         }
                         list.push(PeerDetail {
-                            peer: p.to_string(),
-                            address: addr.iter().filter(|x| !matches!(x, Protocol::P2p(_))).collect::<Multiaddr>().to_string(),
-                            direct: !addr.iter().any(|x| matches!(x, Protocol::P2pCircuit)),
-                            rtt_ms: rtt.map(|d| d.as_secs_f64() * 1000.0),
+                            peer: c.peer.to_string(),
+                            address: without_peer(&c.addr).to_string(),
+                            direct: !c.addr.iter().any(|x| matches!(x, Protocol::P2pCircuit)),
+                            rtt_ms: c.rtt.map(|d| d.as_secs_f64() * 1000.0),
                         });
                     }
                     list.sort_by(|a, b| a.peer.cmp(&b.peer));
@@ -1222,14 +1235,21 @@ async fn event_loop(
                     // between them, so the address can be dialed (from that peer's side at
                     // least). Confirmed, it goes into the provider records this node
                     // announces. Addresses behind a NAT are for AutoNAT to confirm.
-                    let bare: Multiaddr = address.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect();
+                    let bare = without_peer(&address);
                     if listen.contains(&bare) && confirm(&mut swarm, bare) {
                         reannounce = Some(tokio::time::Instant::now() + REANNOUNCE_AFTER);
                     }
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
-                    heard.insert(connection_id, (peer_id, Instant::now()));
-                    conns.insert(connection_id, (peer_id, endpoint.get_remote_address().clone(), None));
+                    conns.insert(
+                        connection_id,
+                        Conn {
+                            peer: peer_id,
+                            addr: endpoint.get_remote_address().clone(),
+                            heard: Instant::now(),
+                            rtt: None,
+                        },
+                    );
                     reconnected.lock().unwrap_or_else(|e| e.into_inner()).insert(peer_id);
                     if let Some(i) = dials.remove(&connection_id) {
                         kept[i].peer = Some(peer_id);
@@ -1254,9 +1274,9 @@ async fn event_loop(
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result })) => match result {
                     Ok(rtt) => {
-                        heard.insert(connection, (peer, Instant::now()));
                         if let Some(c) = conns.get_mut(&connection) {
-                            c.2 = Some(rtt);
+                            c.heard = Instant::now();
+                            c.rtt = Some(rtt);
                         }
                     }
                     Err(e) => {
@@ -1271,7 +1291,6 @@ async fn event_loop(
                     }
                 }
                 SwarmEvent::ConnectionClosed { peer_id, connection_id, cause, num_established, .. } => {
-                    heard.remove(&connection_id);
                     conns.remove(&connection_id);
                     tracing::debug!(peer = %peer_id, remaining = num_established, "connection closed: {cause:?}");
                 }

@@ -62,7 +62,7 @@ impl Ticket {
             b.extend_from_slice(&id);
             let addrs: Vec<Vec<u8>> = addrs
                 .iter()
-                .map(|a| bare(a).to_vec())
+                .map(|a| crate::net::without_peer(a).to_vec())
                 .filter(|a| a.len() <= 255)
                 .take(MAX_ADDRS)
                 .collect();
@@ -138,11 +138,6 @@ impl Ticket {
             .map(|(p, addrs)| (*p, addrs.iter().map(|a| a.clone().with(Protocol::P2p(*p))).collect()))
             .collect()
     }
-}
-
-/// `a` without a trailing `/p2p/ID`.
-fn bare(a: &Multiaddr) -> Multiaddr {
-    a.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect()
 }
 
 struct Reader<'a>(&'a [u8]);
