@@ -178,7 +178,8 @@ pub enum SwarmKeyAction {
 pub struct DaemonArgs {
     #[command(flatten)]
     pub net: NetArgs,
-    /// Address to listen on (repeatable) [default: /ip4/0.0.0.0/tcp/4701]
+    /// Address to listen on (repeatable) [default: /ip4/0.0.0.0/tcp/4701 and
+    /// /ip4/0.0.0.0/udp/4701/quic-v1]
     #[arg(long, value_name = "MULTIADDR")]
     pub listen: Vec<libp2p::Multiaddr>,
     /// An address others can dial this node at, such as a port forwarded on the router
@@ -192,6 +193,13 @@ pub struct DaemonArgs {
     /// Seconds a read may wait for blocks from the network before it fails with EIO
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=MAX_SECS))]
     pub read_timeout: u64,
+    /// Do not relay connections for peers behind NATs (the service is on by default, with
+    /// limits)
+    #[arg(long)]
+    pub no_relay_service: bool,
+    /// Do not ask the router to forward a port (UPnP)
+    #[arg(long)]
+    pub no_upnp: bool,
     /// Serve every read through the daemon, never by FUSE passthrough
     #[arg(long)]
     pub no_passthrough: bool,
@@ -394,13 +402,23 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     };
     let daemon = |mount: Option<PathBuf>, opts: &DaemonArgs| -> Result<ExitCode> {
         let config = Config::load(&dir)?;
-        let listen = if opts.listen.is_empty() {
-            vec![format!("/ip4/0.0.0.0/tcp/{}", crate::net::DEFAULT_PORT)
-                .parse()
-                .expect("valid")]
+        let psk = crate::net::load_swarm_key(&dir)?;
+        let mut listen = if opts.listen.is_empty() {
+            let p = crate::net::DEFAULT_PORT;
+            vec![
+                format!("/ip4/0.0.0.0/tcp/{p}").parse().expect("valid"),
+                format!("/ip4/0.0.0.0/udp/{p}/quic-v1").parse().expect("valid"),
+            ]
         } else {
             opts.listen.clone()
         };
+        if psk.is_some() {
+            let quic = |a: &libp2p::Multiaddr| a.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1));
+            for a in listen.iter().filter(|a| quic(a)) {
+                tracing::warn!("not listening on {a}: a private swarm (swarm.key) runs over TCP only");
+            }
+            listen.retain(|a| !quic(a));
+        }
         crate::daemon::run(crate::daemon::DaemonOptions {
             data_dir: dir.clone(),
             mount,
@@ -415,11 +433,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 bootstrap: config.bootstrap(&opts.net.bootstrap)?,
                 external: opts.external_addr.clone(),
                 mdns: !opts.net.no_mdns,
+                relay_service: !opts.no_relay_service,
+                upnp: !opts.no_upnp,
                 corrupt_responses: opts.test_corrupt_responses,
                 lie_have: opts.test_lie_have,
                 refuse_join: opts.test_refuse_join,
                 lie_fetching: false,
-                psk: crate::net::load_swarm_key(&dir)?,
+                psk,
                 max_upload_rate: opts.max_upload_rate,
                 max_download_rate: opts.max_download_rate,
             },
@@ -471,6 +491,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 max_download_rate: None,
                 external: Vec::new(),
                 mdns: !net.no_mdns,
+                // A short-lived node serves no one.
+                relay_service: false,
+                upnp: false,
                 corrupt_responses: false,
                 lie_have: false,
                 refuse_join: false,
@@ -995,8 +1018,9 @@ fn verify(store: &Store, mut hashes: Vec<Hash>, json: bool, out: &mut dyn Write)
     Ok(bad as u8)
 }
 
-/// The addresses a ticket gives for this node: confirmed ones first, then every listen
-/// address, loopback last; without `/p2p` (the ticket holds the peer id once).
+/// The addresses a ticket gives for this node: direct ones first (confirmed ones, then every
+/// listen address), then relayed ones (`/p2p-circuit`), loopback last; without the node's own
+/// `/p2p` (the ticket holds the peer id once).
 fn ticket_addrs(info: &crate::net::NetInfo) -> Vec<libp2p::Multiaddr> {
     use libp2p::multiaddr::Protocol;
     let loopback = |a: &libp2p::Multiaddr| {
@@ -1014,10 +1038,17 @@ fn ticket_addrs(info: &crate::net::NetInfo) -> Vec<libp2p::Multiaddr> {
     };
     let listen = parsed(&info.listen);
     let mut out: Vec<libp2p::Multiaddr> = Vec::new();
-    let ordered = parsed(&info.external)
+    let all: Vec<_> = parsed(&info.external)
         .into_iter()
-        .chain(listen.iter().filter(|a| !loopback(a)).cloned())
-        .chain(listen.iter().filter(|a| loopback(a)).cloned());
+        .chain(listen.iter().cloned())
+        .collect();
+    let circuit = crate::net::is_circuit;
+    let ordered = all
+        .iter()
+        .filter(|a| !loopback(a) && !circuit(a))
+        .chain(all.iter().filter(|a| circuit(a)))
+        .chain(all.iter().filter(|a| loopback(a) && !circuit(a)))
+        .cloned();
     for a in ordered {
         if !out.contains(&a) {
             out.push(a);

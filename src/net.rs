@@ -29,7 +29,12 @@ use libp2p::{identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamP
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+mod reach;
+#[cfg(test)]
+mod scale;
 mod session;
+
+pub(crate) use reach::is_circuit;
 
 pub use session::Holding;
 
@@ -110,20 +115,113 @@ struct Conn {
     /// When it last answered a ping, or opened.
     heard: Instant,
     rtt: Option<Duration>,
+    /// This node dialed it.
+    dialed: bool,
 }
 
 /// A connection that answered no ping for this long is closed: its peer is gone.
 const SILENT_AFTER: Duration = Duration::from_secs(12);
 
 #[derive(NetworkBehaviour)]
-struct Behaviour {
+pub(crate) struct Behaviour {
+    // The limits come first: a connection they deny costs the others nothing.
+    limits: libp2p::connection_limits::Behaviour,
+    memory: libp2p::memory_connection_limits::Behaviour,
     kad: kad::Behaviour<MemoryStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
     stream: libp2p_stream::Behaviour,
-    limits: libp2p::connection_limits::Behaviour,
+    /// Whether this node can be dialed from outside: peers dial its candidate addresses back.
+    autonat: libp2p::autonat::v2::client::Behaviour,
+    autonat_server: libp2p::autonat::v2::server::Behaviour,
+    /// The relay service for peers behind NATs (`--no-relay-service` turns it off).
+    relay: Toggle<libp2p::relay::Behaviour>,
+    relay_client: libp2p::relay::client::Behaviour,
+    /// Hole punching: a relayed connection is upgraded to a direct one.
+    dcutr: libp2p::dcutr::Behaviour,
+    upnp: Toggle<libp2p::upnp::tokio::Behaviour>,
 }
+
+/// The behaviours of a node, as the daemon runs them (the in-process DHT test builds the
+/// same on the memory transport).
+pub(crate) fn behaviour(
+    key: &Keypair,
+    relay_client: libp2p::relay::client::Behaviour,
+    opts: &NetOptions,
+) -> std::result::Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    let peer_id = key.public().to_peer_id();
+    let mut cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+    cfg.set_query_timeout(Duration::from_secs(30));
+    // Provider records live 48 h and are republished every 12 h (libp2p's defaults, spelled
+    // out): well before they expire.
+    cfg.set_provider_record_ttl(Some(Duration::from_secs(48 * 3600)));
+    cfg.set_provider_publication_interval(Some(Duration::from_secs(12 * 3600)));
+    let kstore = MemoryStore::with_config(
+        peer_id,
+        MemoryStoreConfig {
+            // No cap of 1024 keys: a node provides every blob it holds.
+            max_provided_keys: usize::MAX,
+            max_records: 1 << 20,
+            ..Default::default()
+        },
+    );
+    // Kademlia's mode follows reachability (see `reach`): a server from the start, a client
+    // once AutoNAT finds the node unreachable.
+    let mut kad = kad::Behaviour::with_config(peer_id, kstore, cfg);
+    kad.set_mode(Some(kad::Mode::Server));
+    let mdns = if opts.mdns {
+        Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
+    } else {
+        None
+    };
+    let relay = opts.relay_service.then(|| {
+        libp2p::relay::Behaviour::new(
+            peer_id,
+            libp2p::relay::Config {
+                max_reservations: 128,
+                max_reservations_per_peer: 4,
+                max_circuits: 64,
+                max_circuits_per_peer: 8,
+                // A relayed connection carries blobs when hole punching fails (a NAT that
+                // gives every destination a new port), so it is not cut at libp2p's 2 min
+                // and 128 KiB.
+                max_circuit_duration: RELAY_CIRCUIT_TIME,
+                max_circuit_bytes: RELAY_CIRCUIT_BYTES,
+                // The counts above bound the load; per-peer rate limits would refuse a peer
+                // that restarts and reconnects.
+                reservation_rate_limiters: Vec::new(),
+                circuit_src_rate_limiters: Vec::new(),
+                ..Default::default()
+            },
+        )
+    });
+    Ok(Behaviour {
+        limits: libp2p::connection_limits::Behaviour::new(limits()),
+        memory: libp2p::memory_connection_limits::Behaviour::with_max_percentage(MEMORY_LIMIT),
+        kad,
+        identify: identify::Behaviour::new(identify::Config::new("/swarmfs/1.0.0".into(), key.public())),
+        // A peer that went silent (a pulled cable) is noticed within about 15 s and its
+        // connection closed (see `SILENT_AFTER`).
+        ping: ping::Behaviour::new(ping::Config::new().with_interval(PING_EVERY).with_timeout(PING_EVERY)),
+        mdns: Toggle::from(mdns),
+        stream: libp2p_stream::Behaviour::new(),
+        // Candidates are tested every 5 s (libp2p's default).
+        autonat: libp2p::autonat::v2::client::Behaviour::default(),
+        autonat_server: libp2p::autonat::v2::server::Behaviour::default(),
+        relay: Toggle::from(relay),
+        relay_client,
+        dcutr: libp2p::dcutr::Behaviour::new(peer_id),
+        upnp: Toggle::from(opts.upnp.then(libp2p::upnp::tokio::Behaviour::default)),
+    })
+}
+
+/// New connections are refused while the daemon uses more than this share of the machine's
+/// memory.
+const MEMORY_LIMIT: f64 = 0.8;
+/// How long, and how many bytes, one relayed connection may carry.
+const RELAY_CIRCUIT_TIME: Duration = Duration::from_secs(3600);
+const RELAY_CIRCUIT_BYTES: u64 = 4 << 30;
 
 /// How the node runs.
 #[derive(Clone, Debug, Default)]
@@ -133,6 +231,10 @@ pub struct NetOptions {
     /// Addresses others can dial this node at, known beforehand (a port forward, say).
     pub external: Vec<Multiaddr>,
     pub mdns: bool,
+    /// Offer the circuit relay service to peers behind NATs.
+    pub relay_service: bool,
+    /// Ask the router for a port mapping (UPnP).
+    pub upnp: bool,
     /// A private swarm's pre-shared key (`DATA_DIR/swarm.key`): only nodes with the same key
     /// can connect.
     pub psk: Option<libp2p::pnet::PreSharedKey>,
@@ -185,7 +287,10 @@ pub struct Counters {
 enum Cmd {
     Provide(Hash),
     /// The providers found so far, and whether the lookup has ended.
-    Providers(Hash, watch::Sender<(HashSet<PeerId>, bool)>),
+    Providers(Hash, watch::Sender<Lookup>),
+    /// Announce, and answer once the announcement reached the closest nodes (or failed).
+    #[cfg(test)]
+    ProvideWait(Hash, oneshot::Sender<bool>),
     /// Listen addresses, connected peers, confirmed external addresses.
     Info(oneshot::Sender<(Vec<Multiaddr>, Vec<PeerId>, Vec<Multiaddr>)>),
     /// The provider records for a hash in this node's own DHT store.
@@ -201,6 +306,16 @@ enum Cmd {
     /// Each connected peer: its address, whether direct, its last round-trip time.
     Peers(oneshot::Sender<Vec<PeerDetail>>),
     Stop,
+}
+
+/// A provider lookup as it goes.
+#[derive(Default)]
+pub(crate) struct Lookup {
+    pub found: HashSet<PeerId>,
+    /// The lookup has ended.
+    pub done: bool,
+    /// Requests it sent to other nodes so far.
+    pub requests: u32,
 }
 
 /// A handle on the running node.
@@ -385,24 +500,58 @@ fn record_key(h: &Hash) -> kad::RecordKey {
     kad::RecordKey::new(h.as_bytes())
 }
 
-/// `a` without its `/p2p/ID`.
+/// `a` without the `/p2p/ID` it ends in. A relay's own `/p2p` inside a circuit address
+/// (`.../p2p/RELAY/p2p-circuit/p2p/ID`) stays.
 pub fn without_peer(a: &Multiaddr) -> Multiaddr {
-    a.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect()
+    let mut a = a.clone();
+    if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
+        a.pop();
+    }
+    a
 }
 
-/// The peer id at the end of a multiaddr, if any.
+/// The peer id a multiaddr ends in, if any (not a relay's, inside a circuit address).
 fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
-    addr.iter().find_map(|p| match p {
-        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+    match addr.iter().last() {
+        Some(Protocol::P2p(id)) => Some(id),
         _ => None,
-    })
+    }
+}
+
+/// Listens, learns the bootstrap peers and the addresses known to be external, and starts the
+/// event loop; returns its command channel.
+fn run_swarm(
+    mut swarm: Swarm<Behaviour>,
+    opts: &NetOptions,
+    banned: Arc<Mutex<HashSet<PeerId>>>,
+    reconnected: Arc<Mutex<HashSet<PeerId>>>,
+) -> Result<mpsc::Sender<Cmd>> {
+    for addr in &opts.listen {
+        swarm
+            .listen_on(addr.clone())
+            .with_context(|| format!("cannot listen on {addr}"))?;
+    }
+    // Bootstrap peers are dialed by the event loop at once, and again whenever they go.
+    for addr in &opts.bootstrap {
+        if let Some(p) = peer_of(addr) {
+            swarm.behaviour_mut().kad.add_address(&p, addr.clone());
+        }
+    }
+    for addr in &opts.external {
+        confirm(&mut swarm, addr.clone());
+    }
+    let (tx, rx) = mpsc::channel(256);
+    let kept = opts.bootstrap.iter().map(|a| Kept::new(a.clone())).collect();
+    tokio::spawn(event_loop(swarm, rx, banned, reconnected, kept));
+    Ok(tx)
 }
 
 impl Net {
     /// Starts the node on the current tokio runtime.
     pub async fn start(store: Arc<Store>, key: Keypair, opts: NetOptions) -> Result<Net> {
         let peer_id = key.public().to_peer_id();
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        let quic = opts.psk.is_none();
+        let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
             .with_other_transport(|key| {
                 use libp2p::core::{muxing::StreamMuxerBox, upgrade::Version};
@@ -416,75 +565,46 @@ impl Net {
                     ),
                     None => either::Either::Right(tcp),
                 };
-                Ok(base
+                let tcp = base
                     .upgrade(Version::V1Lazy)
                     .authenticate(noise::Config::new(key)?)
                     .multiplex(yamux::Config::default())
                     // A connection that does not finish its handshake goes (a flood of
                     // idle sockets holds no descriptors for long).
                     .timeout(HANDSHAKE_TIMEOUT)
-                    .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer))))
+                    .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+                    .boxed();
+                // QUIC beside TCP; not in a private swarm, whose key only TCP can prove
+                // (Kubo does the same).
+                if !quic {
+                    return Ok(tcp);
+                }
+                let mut qcfg = libp2p::quic::Config::new(key);
+                qcfg.handshake_timeout = HANDSHAKE_TIMEOUT;
+                let udp = libp2p::quic::tokio::Transport::new(qcfg).map(|(peer, c), _| (peer, StreamMuxerBox::new(c)));
+                Ok(tcp
+                    .or_transport(udp)
+                    .map(|either, _| match either {
+                        futures::future::Either::Left(x) | futures::future::Either::Right(x) => x,
+                    })
+                    .boxed())
             })?
-            .with_behaviour(|key| {
-                let mut cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
-                cfg.set_query_timeout(Duration::from_secs(30));
-                // Provider records live 48 h and are republished every 12 h (libp2p's
-                // defaults, spelled out): well before they expire.
-                cfg.set_provider_record_ttl(Some(Duration::from_secs(48 * 3600)));
-                cfg.set_provider_publication_interval(Some(Duration::from_secs(12 * 3600)));
-                let kstore = MemoryStore::with_config(
-                    peer_id,
-                    MemoryStoreConfig {
-                        // No cap of 1024 keys: a node provides every blob it holds.
-                        max_provided_keys: usize::MAX,
-                        max_records: 1 << 20,
-                        ..Default::default()
-                    },
-                );
-                let mut kad = kad::Behaviour::with_config(peer_id, kstore, cfg);
-                kad.set_mode(Some(kad::Mode::Server));
-                let mdns = if opts.mdns {
-                    Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
-                } else {
-                    None
-                };
-                Ok(Behaviour {
-                    kad,
-                    identify: identify::Behaviour::new(identify::Config::new("/swarmfs/1.0.0".into(), key.public())),
-                    // A peer that went silent (a pulled cable) is noticed within about 15 s
-                    // and its connection closed (see `SILENT_AFTER`).
-                    ping: ping::Behaviour::new(ping::Config::new().with_interval(PING_EVERY).with_timeout(PING_EVERY)),
-                    mdns: Toggle::from(mdns),
-                    stream: libp2p_stream::Behaviour::new(),
-                    limits: libp2p::connection_limits::Behaviour::new(limits()),
-                })
-            })?
+            // Circuits through relays, for peers that no one can dial directly.
+            .with_relay_client(noise::Config::new, yamux::Config::default)?
+            .with_behaviour(|key, relay_client| behaviour(key, relay_client, &opts))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
             .build();
-        for addr in &opts.listen {
-            swarm
-                .listen_on(addr.clone())
-                .with_context(|| format!("cannot listen on {addr}"))?;
-        }
-        // Bootstrap peers are dialed by the event loop at once, and again whenever they go.
-        for addr in &opts.bootstrap {
-            if let Some(p) = peer_of(addr) {
-                swarm.behaviour_mut().kad.add_address(&p, addr.clone());
-            }
-        }
-        for addr in &opts.external {
-            confirm(&mut swarm, addr.clone());
-        }
         let control = swarm.behaviour().stream.new_control();
-        let (tx, rx) = mpsc::channel(256);
+        let (banned, reconnected) = (Arc::new(Mutex::new(HashSet::new())), Arc::default());
+        let tx = run_swarm(swarm, &opts, Arc::clone(&banned), Arc::clone(&reconnected))?;
         let net = Net {
             tx,
             control,
             peer_id,
             store,
             counters: Arc::new(Counters::default()),
-            banned: Arc::new(Mutex::new(HashSet::new())),
-            reconnected: Arc::default(),
+            banned,
+            reconnected,
             up_rate: opts.max_upload_rate.map(|r| Arc::new(crate::rate::Rate::new(r))),
             down_rate: opts.max_download_rate.map(|r| Arc::new(crate::rate::Rate::new(r))),
             pool: Arc::default(),
@@ -496,8 +616,6 @@ impl Net {
             refuse_join: opts.refuse_join,
             lie_fetching: opts.lie_fetching,
         };
-        let kept = opts.bootstrap.iter().map(|a| Kept::new(a.clone())).collect();
-        tokio::spawn(event_loop(swarm, rx, net.banned.clone(), net.reconnected.clone(), kept));
         // Every blob that becomes complete is announced: added, written, or fetched (so
         // fetched content is seeded). The hook holds only the command channel, not the store.
         let tx = net.tx.clone();
@@ -578,12 +696,12 @@ impl Net {
     }
 
     async fn lookup(&self, h: Hash, timeout: Duration, all: bool) -> Vec<PeerId> {
-        let (tx, mut rx) = watch::channel((HashSet::new(), false));
+        let (tx, mut rx) = watch::channel(Lookup::default());
         if self.tx.send(Cmd::Providers(h, tx)).await.is_err() {
             return Vec::new();
         }
-        let _ = tokio::time::timeout(timeout, rx.wait_for(|(set, done)| *done || (!all && !set.is_empty()))).await;
-        let found = rx.borrow().0.clone();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|l| l.done || (!all && !l.found.is_empty()))).await;
+        let found = rx.borrow().found.clone();
         let banned = self.banned.lock().unwrap_or_else(|e| e.into_inner()).clone();
         found
             .into_iter()
@@ -1083,7 +1201,9 @@ async fn event_loop(
     // Dials of kept addresses in flight, and `connect` requests waiting for theirs.
     let mut dials: HashMap<libp2p::swarm::ConnectionId, usize> = HashMap::new();
     let mut waiting: HashMap<libp2p::swarm::ConnectionId, oneshot::Sender<Result<PeerId, String>>> = HashMap::new();
-    let mut pending: HashMap<kad::QueryId, watch::Sender<(HashSet<PeerId>, bool)>> = HashMap::new();
+    let mut pending: HashMap<kad::QueryId, watch::Sender<Lookup>> = HashMap::new();
+    #[cfg(test)]
+    let mut providing: HashMap<kad::QueryId, oneshot::Sender<bool>> = HashMap::new();
     let mut listen: Vec<Multiaddr> = Vec::new();
     // What each peer said it listens on (identify), for peer exchange.
     let mut addrs: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
@@ -1097,6 +1217,7 @@ async fn event_loop(
     // of a connection silently, and a second only after a stream upgrade times out).
     let mut conns: HashMap<libp2p::swarm::ConnectionId, Conn> = HashMap::new();
     let mut liveness = tokio::time::interval(Duration::from_secs(1));
+    let mut reach = reach::Reach::new();
     loop {
         tokio::select! {
             _ = liveness.tick() => {
@@ -1121,6 +1242,7 @@ async fn event_loop(
                     k.next = now + k.backoff;
                     k.backoff = (k.backoff * 2).min(MAX_REDIAL);
                 }
+                reach.tick(&mut swarm);
             }
             _ = tokio::time::sleep_until(reannounce.unwrap_or_else(tokio::time::Instant::now)), if reannounce.is_some() => {
                 reannounce = None;
@@ -1138,6 +1260,12 @@ async fn event_loop(
                 Some(Cmd::Provide(h)) => {
                     if let Err(e) = swarm.behaviour_mut().kad.start_providing(record_key(&h)) {
                         tracing::warn!(hash = %h, "cannot announce: {e:?}");
+                    }
+                }
+                #[cfg(test)]
+                Some(Cmd::ProvideWait(h, tx)) => {
+                    if let Ok(q) = swarm.behaviour_mut().kad.start_providing(record_key(&h)) {
+                        providing.insert(q, tx);
                     }
                 }
                 Some(Cmd::Providers(h, tx)) => {
@@ -1203,7 +1331,7 @@ async fn event_loop(
                         list.push(PeerDetail {
                             peer: c.peer.to_string(),
                             address: without_peer(&c.addr).to_string(),
-                            direct: !c.addr.iter().any(|x| matches!(x, Protocol::P2pCircuit)),
+                            direct: !is_circuit(&c.addr),
                             rtt_ms: c.rtt.map(|d| d.as_secs_f64() * 1000.0),
                         });
                     }
@@ -1219,16 +1347,26 @@ async fn event_loop(
             },
             ev = swarm.select_next_some() => match ev {
                 SwarmEvent::NewListenAddr { address, .. } => {
+                    // A relay's circuit address comes with this node's /p2p on the end.
+                    let address = without_peer(&address);
                     tracing::info!("listening on {address}/p2p/{}", swarm.local_peer_id());
-                    // A public address needs no one to confirm it.
-                    if is_public(&address) && confirm(&mut swarm, address.clone()) {
+                    // A public address needs no one to confirm it; nor does a relay's circuit
+                    // address, once the relay accepted the reservation.
+                    if (is_public(&address) || is_circuit(&address)) && confirm(&mut swarm, address.clone()) {
                         reannounce = Some(tokio::time::Instant::now() + REANNOUNCE_AFTER);
                     }
                     listen.push(address);
                 }
                 SwarmEvent::ExpiredListenAddr { address, .. } => {
+                    let address = without_peer(&address);
                     listen.retain(|a| *a != address);
                     swarm.remove_external_address(&address);
+                }
+                SwarmEvent::ListenerClosed { listener_id, reason, .. } => {
+                    if let Err(e) = reason {
+                        tracing::debug!("listener closed: {e}");
+                    }
+                    reach.listener_closed(listener_id);
                 }
                 SwarmEvent::NewExternalAddrCandidate { address } => {
                     // A peer saw this node at one of its own listen addresses: no NAT stands
@@ -1248,8 +1386,22 @@ async fn event_loop(
                             addr: endpoint.get_remote_address().clone(),
                             heard: Instant::now(),
                             rtt: None,
+                            dialed: endpoint.is_dialer(),
                         },
                     );
+                    // Once a direct connection stands beside a relayed one (hole punching
+                    // worked), the relayed one goes: streams would pick either.
+                    if !is_circuit(endpoint.get_remote_address()) {
+                        let relayed: Vec<_> = conns
+                            .iter()
+                            .filter(|(_, c)| c.peer == peer_id && is_circuit(&c.addr))
+                            .map(|(id, _)| *id)
+                            .collect();
+                        for id in relayed {
+                            tracing::info!(peer = %peer_id, "direct connection up: closing the relayed one");
+                            swarm.close_connection(id);
+                        }
+                    }
                     reconnected.lock().unwrap_or_else(|e| e.into_inner()).insert(peer_id);
                     if let Some(i) = dials.remove(&connection_id) {
                         kept[i].peer = Some(peer_id);
@@ -1292,9 +1444,17 @@ async fn event_loop(
                 }
                 SwarmEvent::ConnectionClosed { peer_id, connection_id, cause, num_established, .. } => {
                     conns.remove(&connection_id);
+                    if num_established == 0 {
+                        reach.peer_gone(&peer_id);
+                    }
                     tracing::debug!(peer = %peer_id, remaining = num_established, "connection closed: {cause:?}");
                 }
-                SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, connection_id, info, .. })) => {
+                    if info.protocols.contains(&libp2p::relay::HOP_PROTOCOL_NAME) {
+                        if let Some(c) = conns.get(&connection_id).filter(|c| c.dialed && !is_circuit(&c.addr)) {
+                            reach.relay_found(peer_id, c.addr.clone());
+                        }
+                    }
                     for a in &info.listen_addrs {
                         swarm.behaviour_mut().kad.add_address(&peer_id, a.clone());
                     }
@@ -1305,6 +1465,22 @@ async fn event_loop(
                     list.truncate(protocol::MAX_PEX_ADDRS);
                     addrs.insert(peer_id, list);
                 }
+                SwarmEvent::Behaviour(BehaviourEvent::Autonat(ev)) => {
+                    reach.tested(&ev.tested_addr, ev.result.is_ok());
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::RelayClient(ev)) => {
+                    tracing::info!("relay: {ev:?}");
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Relay(ev)) => {
+                    tracing::debug!("relay service: {ev:?}");
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Dcutr(ev)) => match ev.result {
+                    Ok(_) => tracing::info!(peer = %ev.remote_peer_id, "hole punched: direct connection"),
+                    Err(e) => tracing::info!(peer = %ev.remote_peer_id, "{e}: staying relayed"),
+                },
+                SwarmEvent::Behaviour(BehaviourEvent::Upnp(ev)) => {
+                    tracing::info!("UPnP: {ev:?}");
+                }
                 SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                     for (p, a) in found {
                         tracing::info!(peer = %p, "found on the local network: {a}");
@@ -1313,7 +1489,7 @@ async fn event_loop(
                     }
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
-                    id, result: QueryResult::GetProviders(res), step, ..
+                    id, result: QueryResult::GetProviders(res), step, stats, ..
                 })) => {
                     // Our own record (a blob we hold) is no answer.
                     let me = *swarm.local_peer_id();
@@ -1333,15 +1509,24 @@ async fn event_loop(
                         }
                     }
                     if let Some(tx) = pending.get(&id) {
-                        tx.send_modify(|(set, end)| {
+                        tx.send_modify(|l| {
                             if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = res {
-                                set.extend(providers.into_iter().filter(|p| *p != me));
+                                l.found.extend(providers.into_iter().filter(|p| *p != me));
                             }
-                            *end = done;
+                            l.done = done;
+                            l.requests = stats.num_requests();
                         });
                     }
                     if done {
                         pending.remove(&id);
+                    }
+                }
+                #[cfg(test)]
+                SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                    id, result: QueryResult::StartProviding(r), step, ..
+                })) if step.last => {
+                    if let Some(tx) = providing.remove(&id) {
+                        let _ = tx.send(r.is_ok());
                     }
                 }
                 _ => {}
@@ -1398,6 +1583,25 @@ fn is_public(a: &Multiaddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::is_public;
+
+    #[test]
+    fn a_circuit_address_keeps_its_relay_when_the_peer_is_taken_off() {
+        let (relay, peer) = (
+            libp2p::PeerId::random().to_string(),
+            libp2p::PeerId::random().to_string(),
+        );
+        let a: libp2p::Multiaddr = format!("/ip4/198.18.0.10/tcp/4701/p2p/{relay}/p2p-circuit/p2p/{peer}")
+            .parse()
+            .unwrap();
+        assert_eq!(
+            super::without_peer(&a).to_string(),
+            format!("/ip4/198.18.0.10/tcp/4701/p2p/{relay}/p2p-circuit")
+        );
+        assert_eq!(super::peer_of(&a).unwrap().to_string(), peer);
+        let direct: libp2p::Multiaddr = format!("/ip4/10.0.0.1/tcp/1/p2p/{peer}").parse().unwrap();
+        assert_eq!(super::without_peer(&direct).to_string(), "/ip4/10.0.0.1/tcp/1");
+        assert!(super::peer_of(&super::without_peer(&a)).is_none());
+    }
 
     #[test]
     fn only_internet_addresses_count_as_public() {

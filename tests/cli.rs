@@ -250,7 +250,7 @@ fn option_values_out_of_range_are_refused_with_a_clear_error() {
         ("--read-timeout", "18446744073709551615"),
         ("--read-timeout", "0"),
     ] {
-        let err = fails(swarmfs(d, &["mount", mnt, "--no-mdns", flag, value]));
+        let err = fails(swarmfs(d, &["mount", mnt, "--no-mdns", "--no-upnp", flag, value]));
         assert!(
             err.contains(flag) && err.contains("not in 1..=86400"),
             "{flag} {value}: {err}"

@@ -722,7 +722,10 @@ fn a_private_swarm_talks_only_to_nodes_with_its_key() {
     }
     // A broken key file is refused with a clear error.
     fs::write(d.data.join("swarm.key"), "not a key\n").unwrap();
-    let err = fails(swarmfs(&d.data, &["mount", &d.mnt.to_string_lossy(), "--no-mdns"]));
+    let err = fails(swarmfs(
+        &d.data,
+        &["mount", &d.mnt.to_string_lossy(), "--no-mdns", "--no-upnp"],
+    ));
     assert!(err.contains("is not a swarm key"), "{err}");
     drop((db, da));
 }

@@ -643,6 +643,7 @@ fn daemon_start_errors_are_clear() {
     let e = env();
     let err = fails(swarmfs(&e.data, &["mount"]).arg(e.mnt.join("missing")).args([
         "--no-mdns",
+        "--no-upnp",
         "--listen",
         "/ip4/127.0.0.1/tcp/0",
     ]));
@@ -651,11 +652,12 @@ fn daemon_start_errors_are_clear() {
     // Another daemon on the same data directory names the one that holds it.
     let other = e.src.join("mnt2");
     fs::create_dir_all(&other).unwrap();
-    let err = fails(
-        swarmfs(&e.data, &["mount"])
-            .arg(&other)
-            .args(["--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"]),
-    );
+    let err = fails(swarmfs(&e.data, &["mount"]).arg(&other).args([
+        "--no-mdns",
+        "--no-upnp",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+    ]));
     assert!(
         err.contains(&format!("in use by another swarmfs process (pid {})", d.pid())),
         "{err}"
@@ -663,6 +665,7 @@ fn daemon_start_errors_are_clear() {
     // A second daemon on the same mount point.
     let err = fails(swarmfs(&e.src.join("data2"), &["mount"]).arg(&e.mnt).args([
         "--no-mdns",
+        "--no-upnp",
         "--listen",
         "/ip4/127.0.0.1/tcp/0",
     ]));

@@ -8,6 +8,7 @@ mod cli;
 mod crash;
 mod e2e;
 mod mount;
+mod nat;
 mod net;
 mod posix;
 mod store;

@@ -202,7 +202,7 @@ impl Daemon {
         // Never mDNS outside a namespace of our own, and never a fixed port.
         let child = cmd
             .arg(mnt)
-            .args(["--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(["--no-mdns", "--no-upnp", "--listen", "/ip4/127.0.0.1/tcp/0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -364,9 +364,9 @@ pub fn ns_daemon(ns: &str, data: &Path, ip: &str, extra: &[&str]) -> NsDaemon {
         .arg(env!("CARGO_BIN_EXE_swarmfs"))
         .arg("--data-dir")
         .arg(data)
-        .args(["daemon", "--listen", &format!("/ip4/{ip}/tcp/0")])
+        .args(["daemon", "--no-upnp", "--listen", &format!("/ip4/{ip}/tcp/0")])
         .args(extra)
-        .env("RUST_LOG", "swarmfs=debug")
+        .env("RUST_LOG", std::env::var("NS_LOG").unwrap_or("swarmfs=debug".into()))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(data.with_extension("log")).unwrap())
         .spawn()
