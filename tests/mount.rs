@@ -1082,3 +1082,20 @@ fn a_sqlite_database_held_open_keeps_its_commits_across_kill_9_and_a_clean_stop(
     assert_eq!(sqlite_rows(&db), "1500", "commits lost at a clean stop");
     drop(d);
 }
+
+/// `truncate -s N f` (open, ftruncate, close) is a save: once it returns, the name's hash is
+/// that of the new length, without waiting for the kernel's release, which comes later and
+/// may come much later. Here another writer holds the file open, so only the close publishes.
+#[test]
+fn a_truncate_to_a_longer_length_is_published_when_its_close_returns() {
+    let e = env();
+    let _d = Daemon::start(&e.data, &e.mnt, &[]);
+    let f = e.mnt.join("t");
+    fs::write(&f, data(10000, 3)).unwrap();
+    let _writer = fs::OpenOptions::new().write(true).open(&f).unwrap();
+    sh(&format!("truncate -s 20000 {}", f.display()));
+    let mut longer = data(10000, 3);
+    longer.resize(20000, 0);
+    let want = write_file(&e.src, "longer", &longer);
+    assert_eq!(xattr_hash(&f), b3(&want), "the name still has the old content's hash");
+}

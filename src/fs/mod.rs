@@ -689,7 +689,11 @@ impl Inner {
             return Ok(());
         };
         let mut o = lock(&o.state);
-        if o.staging.is_some() && !o.written && !o.failed && self.node(ino)?.hash.is_some() {
+        // A handle that only truncated to nothing (an O_TRUNC open, closed by a forked child
+        // before the parent writes) does not empty the name at its close; that waits for the
+        // release. A truncation to another length (`truncate -s N`) is a save like a write.
+        let emptied = lock(&self.staged).get(&ino).is_none_or(|s| s.len == 0);
+        if o.staging.is_some() && !o.written && !o.failed && emptied && self.node(ino)?.hash.is_some() {
             return Ok(());
         }
         self.commit(ino, &mut o)
