@@ -1033,7 +1033,8 @@ fn ticket_addrs(info: &crate::net::NetInfo) -> Vec<libp2p::Multiaddr> {
     let parsed = |list: &[String]| -> Vec<libp2p::Multiaddr> {
         list.iter()
             .filter_map(|a| a.parse::<libp2p::Multiaddr>().ok())
-            .map(|a| crate::net::without_peer(&a))
+            // A relay client confirms its circuit address with this node's /p2p on the end.
+            .map(|a| crate::net::without_peer(&crate::net::without_peer(&a)))
             .collect()
     };
     let listen = parsed(&info.listen);

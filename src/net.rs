@@ -1289,7 +1289,14 @@ async fn event_loop(
                         swarm.behaviour_mut().kad.add_address(&p, a.clone());
                     }
                     if !swarm.is_connected(&p) {
-                        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(p).addresses(list).build();
+                        // Dialed even while another dial to the peer is under way: that one
+                        // may be Kademlia's, with only the peer's private addresses (a QUIC
+                        // dial to them waits out its handshake timeout), while these are a
+                        // ticket's or a peer exchange's, relayed ones among them.
+                        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(p)
+                            .condition(libp2p::swarm::dial_opts::PeerCondition::Disconnected)
+                            .addresses(list)
+                            .build();
                         if let Err(e) = swarm.dial(opts) {
                             tracing::debug!(peer = %p, "cannot dial a peer from peer exchange: {e}");
                         }
@@ -1431,10 +1438,10 @@ async fn event_loop(
                             c.rtt = Some(rtt);
                         }
                     }
-                    Err(e) => {
-                        tracing::info!(%peer, "{e}: closing the connection");
-                        swarm.close_connection(connection);
-                    }
+                    // One late pong (a busy link, a busy machine) is no reason to drop the
+                    // connection and the requests on it: one silent for `SILENT_AFTER` is
+                    // closed by the check below.
+                    Err(e) => tracing::debug!(%peer, "ping: {e}"),
                 },
                 SwarmEvent::OutgoingConnectionError { connection_id, error, .. } => {
                     dials.remove(&connection_id);
@@ -1455,8 +1462,12 @@ async fn event_loop(
                             reach.relay_found(peer_id, c.addr.clone());
                         }
                     }
-                    for a in &info.listen_addrs {
-                        swarm.behaviour_mut().kad.add_address(&peer_id, a.clone());
+                    // Only DHT servers go into the routing table: a Kademlia client (a node
+                    // behind a NAT) lists no DHT protocol and could not be asked.
+                    if info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL) {
+                        for a in &info.listen_addrs {
+                            swarm.behaviour_mut().kad.add_address(&peer_id, a.clone());
+                        }
                     }
                     if addrs.len() > 10_000 {
                         addrs.clear();
