@@ -1,6 +1,10 @@
 //! The DHT at scale, in one process: 300 nodes on libp2p's memory transport, each with the
 //! daemon's behaviours and event loop (`behaviour`, `run_swarm`), only the transport differs.
 //!
+//! The default run has 100 nodes. The 300-node test runs with `cargo test --lib scale --
+//! --ignored --nocapture` (`SWARMFS_SCALE_N` sets its size): on a 2-core machine 300 nodes
+//! saturate both cores and Kademlia's requests time out (docs/bench.md).
+//!
 //! The daemon confirms a listen address when a peer sees it there, which TCP's port reuse
 //! makes happen at a node's first outgoing connection. The memory transport has no port
 //! reuse, so each node is given its listen address as `--external-addr` would.
@@ -16,8 +20,6 @@ use super::{behaviour, run_swarm, Cmd, Lookup, NetOptions};
 use crate::hash::Hash;
 
 const N: usize = 300;
-/// Nodes that leave at once, in the second round: a fifth.
-const LEAVE: usize = N / 5;
 
 struct Node {
     peer: PeerId,
@@ -57,6 +59,7 @@ async fn node(port: u64, bootstrap: Vec<Multiaddr>) -> Node {
 
 /// Looks `h` up from `from`: whether `want` was found, and the requests the lookup sent.
 async fn lookup(from: &Node, h: Hash, want: PeerId) -> (bool, u32) {
+    let t0 = std::time::Instant::now();
     let (tx, mut rx) = watch::channel(Lookup::default());
     from.tx.send(Cmd::Providers(h, tx)).await.unwrap();
     let _ = tokio::time::timeout(
@@ -65,6 +68,15 @@ async fn lookup(from: &Node, h: Hash, want: PeerId) -> (bool, u32) {
     )
     .await;
     let l = rx.borrow();
+    if !l.found.contains(&want) {
+        eprintln!(
+            "miss: done {} after {:?}, {} requests, {} found",
+            l.done,
+            t0.elapsed(),
+            l.requests,
+            l.found.len()
+        );
+    }
     (l.found.contains(&want), l.requests)
 }
 
@@ -110,17 +122,36 @@ fn next(s: &mut u64) -> u64 {
     *s
 }
 
+/// The size. 300 nodes in one process saturate a 2-core machine (docs/bench.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finds 70-75% of providers on 2 cores so far; being worked on"]
+#[ignore = "300 nodes in one process saturate a 2-core machine (docs/bench.md)"]
 async fn dht_lookups_find_the_provider_among_300_nodes_and_again_after_a_fifth_leave() {
+    scale(
+        std::env::var("SWARMFS_SCALE_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(N),
+    )
+    .await;
+}
+
+/// The size a 2-core machine holds, in the default run: a record that carries no address, or
+/// a routing table that loses the nodes that left, shows here too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dht_lookups_find_the_provider_among_100_nodes_and_again_after_a_fifth_leave() {
+    scale(100).await;
+}
+
+async fn scale(n: usize) {
     // Memory ports are global to the process: a base of our own.
     let base = 1_000_000 + (std::process::id() as u64 % 1000) * 1000;
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     // Each node joins through two earlier ones, as a real network has several bootstrap
     // nodes: one node alone would turn newcomers away beyond its 256 incoming connections.
+    let t0 = std::time::Instant::now();
     let mut nodes: Vec<Option<Node>> = Vec::new();
     let mut addrs: Vec<Multiaddr> = Vec::new();
-    for i in 0..N {
+    for i in 0..n {
         let mut boot = Vec::new();
         if i > 0 {
             boot.push(addrs[next(&mut seed) as usize % i].clone());
@@ -138,11 +169,12 @@ async fn dht_lookups_find_the_provider_among_300_nodes_and_again_after_a_fifth_l
     // Every node has bootstrapped (it does at its first connection) and its routing table
     // has filled from the lookups of the others.
     tokio::time::sleep(Duration::from_secs(5)).await;
+    eprintln!("{:?}: {n} nodes up", t0.elapsed());
     // Each node provides one key, and the announcement has reached the closest nodes.
     // Nodes announce a few at a time, as they would join and add content over time.
     let mut keys = Vec::new();
     let mut failed = 0;
-    for chunk in (0..N).collect::<Vec<_>>().chunks(25) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(25) {
         let mut done = Vec::new();
         for &i in chunk {
             let h = Hash::of(format!("key {i} {base}").as_bytes());
@@ -162,20 +194,21 @@ async fn dht_lookups_find_the_provider_among_300_nodes_and_again_after_a_fifth_l
             failed += !matches!(ok, Ok(Ok(true))) as usize;
         }
     }
-    eprintln!("{failed} of {N} announcements ended in an error");
+    eprintln!("{:?}: {failed} of {n} announcements ended in an error", t0.elapsed());
     let (share, req) = round(&nodes, &keys, &mut seed).await;
     eprintln!(
-        "{N} nodes: {:.2}% of {} lookups found the provider; requests per lookup p50 {} p95 {}",
+        "{n} nodes: {:.2}% of {} lookups found the provider; requests per lookup p50 {} p95 {} ({:?})",
         share * 100.0,
         keys.len(),
         percentile(&req, 0.5),
-        percentile(&req, 0.95)
+        percentile(&req, 0.95),
+        t0.elapsed(),
     );
     assert!(share >= 0.999, "only {:.2}% found", share * 100.0);
     // A fifth of the nodes leave at once; the keys they provided leave with them.
     let mut gone = HashSet::new();
-    while gone.len() < LEAVE {
-        gone.insert(next(&mut seed) as usize % N);
+    while gone.len() < n / 5 {
+        gone.insert(next(&mut seed) as usize % n);
     }
     for i in &gone {
         let n = nodes[*i].take().unwrap();
@@ -184,15 +217,17 @@ async fn dht_lookups_find_the_provider_among_300_nodes_and_again_after_a_fifth_l
     let left: Vec<(Hash, usize)> = keys.into_iter().filter(|(_, i)| !gone.contains(i)).collect();
     let (share, req) = round(&nodes, &left, &mut seed).await;
     eprintln!(
-        "after {LEAVE} left: {:.2}% of {} lookups found the provider; requests per lookup p50 {} p95 {}",
+        "after {} left: {:.2}% of {} lookups found the provider; requests per lookup p50 {} p95 {} ({:?})",
+        gone.len(),
         share * 100.0,
         left.len(),
         percentile(&req, 0.5),
-        percentile(&req, 0.95)
+        percentile(&req, 0.95),
+        t0.elapsed(),
     );
     assert!(
         share >= 0.999,
-        "only {:.2}% found after {LEAVE} nodes left",
+        "only {:.2}% found after a fifth of the nodes left",
         share * 100.0
     );
     for n in nodes.into_iter().flatten() {
