@@ -30,11 +30,6 @@ fn host(root: &Path, name: &str) -> Host {
     }
 }
 
-/// A file of `size` random bytes (from /dev/urandom, written in pieces).
-fn random_file(path: &Path, mib: u64) {
-    sh(&format!("head -c {}M /dev/urandom > {}", mib, path.display()));
-}
-
 /// Two hosts under a fresh root, with A's daemon seeding a random file of `mib` MiB.
 /// Fields drop in order: A's daemon stops before the root is removed. Tests keep the whole
 /// value and borrow its fields, so that no field is dropped early.

@@ -87,10 +87,6 @@ impl Drop for Internet {
     }
 }
 
-fn status(data: &Path) -> serde_json::Value {
-    serde_json::from_str(&ok(swarmfs(data, &["status", "--json"]))).unwrap()
-}
-
 /// The relay R, A behind NAT 1 with a reservation on R, and the hash of a file A holds and
 /// the ticket it shares it with. B is left to the test.
 struct Homes {
@@ -162,10 +158,6 @@ fn start_a(net: &Internet, a_data: &Path, args: &[String]) -> NsDaemon {
 
 fn log_of(data: &Path) -> String {
     std::fs::read_to_string(data.with_extension("log")).unwrap_or_default()
-}
-
-fn random_file(path: &Path, mib: usize) {
-    sh(&format!("head -c {mib}M /dev/urandom > {}", path.display()));
 }
 
 /// How `data`'s daemon is connected to `peer`: Some(direct) once it is.

@@ -67,10 +67,6 @@ impl Drop for Lan {
     }
 }
 
-fn status(data: &Path) -> serde_json::Value {
-    serde_json::from_str(&ok(swarmfs(data, &["status", "--json"]))).unwrap()
-}
-
 /// A seeder on host 0 holding `mib` MiB of random bytes, its uplink shaped to `rate`.
 struct Seeder {
     daemon: NsDaemon,

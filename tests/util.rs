@@ -378,3 +378,13 @@ pub fn ns_daemon(ns: &str, data: &Path, ip: &str, extra: &[&str]) -> NsDaemon {
     }
     NsDaemon(child)
 }
+
+/// `swarmfs status --json` of the daemon on `data`.
+pub fn status(data: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(swarmfs(data, &["status", "--json"]))).unwrap()
+}
+
+/// A file of `mib` MiB of random bytes (from /dev/urandom).
+pub fn random_file(path: &Path, mib: u64) {
+    sh(&format!("head -c {mib}M /dev/urandom > {}", path.display()));
+}
