@@ -59,17 +59,29 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Store files and pin them; prints "<hash>  <path>" per file, exactly as b3sum does
-    #[command(after_help = "Example:\n  swarmfs add a.iso b.txt > sums && b3sum -c sums")]
+    #[command(
+        after_help = "Examples:\n  swarmfs add a.iso b.txt > sums && b3sum -c sums\n  swarmfs add -r photos | tail -1     (the folder's hash)"
+    )]
     Add {
+        /// Add folders and everything in them; the last line is the folder's hash
+        #[arg(short, long)]
+        recursive: bool,
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
     /// Write a blob to stdout, verified
     #[command(after_help = "Example:\n  swarmfs cat 1f0e...9a3c > film.mkv")]
     Cat { hash: String },
-    /// List local blobs: hash, size, bytes present, pinned
-    #[command(after_help = "Example:\n  swarmfs ls\n  swarmfs ls --json | jq '.[] | select(.pinned)'")]
-    Ls,
+    /// List local blobs (hash, size, bytes present, pinned), or the entries of folder HASH
+    #[command(
+        after_help = "Examples:\n  swarmfs ls\n  swarmfs ls --json | jq '.[] | select(.pinned)'\n  swarmfs ls 1f0e...9a3c     (a folder: hash, size, kind, name)"
+    )]
+    Ls {
+        #[arg(value_name = "HASH|TICKET")]
+        hash: Option<String>,
+        #[command(flatten)]
+        net: NetArgs,
+    },
     /// Pin blobs so that gc never evicts them
     #[command(after_help = "Example:\n  swarmfs pin 1f0e...9a3c")]
     Pin {
@@ -85,11 +97,14 @@ pub enum Command {
     /// Evict unpinned blobs, least recently used first, until the cache fits its cap
     #[command(after_help = "Example:\n  swarmfs --cache-size 5G gc")]
     Gc,
-    /// Fetch a blob from the network, verified, and write it to OUT or stdout; resumes
-    #[command(after_help = "Example:\n  swarmfs get 1f0e...9a3c -o film.mkv")]
+    /// Fetch a blob or a folder from the network, verified, and write it to OUT (or a blob to
+    /// stdout); resumes
+    #[command(
+        after_help = "Examples:\n  swarmfs get 1f0e...9a3c -o film.mkv\n  swarmfs get 7c2d...01be -o photos     (a folder)"
+    )]
     Get {
         hash: String,
-        /// Write the blob here instead of stdout
+        /// Write the blob (or make the folder) here instead of stdout
         #[arg(short, long, value_name = "OUT")]
         out: Option<PathBuf>,
         #[command(flatten)]
@@ -118,7 +133,7 @@ pub enum Command {
         #[command(subcommand)]
         action: SwarmKeyAction,
     },
-    /// Print a ticket for a blob or file: one line holding its hash and this node's addresses
+    /// Print a ticket for a blob, file or folder: one line holding its hash and this node's addresses
     #[command(after_help = "Example:\n  swarmfs share ~/swarm/talk.mkv\n  swarmfs share 1f0e...9a3c")]
     Share {
         #[arg(value_name = "HASH|PATH")]
@@ -357,8 +372,8 @@ fn introduce(n: &NetCtx, t: &Ticket, timeout: std::time::Duration) -> Vec<libp2p
     reached
 }
 
-/// The hash that `swarmfs share` shares: a hash as given, a file in the mount by its
-/// `user.swarmfs.hash`, or any other file, added to the store (and pinned) first.
+/// The hash that `swarmfs share` shares: a hash as given, a file or folder in the mount by its
+/// `user.swarmfs.hash`, or any other file or folder, added to the store (and pinned) first.
 fn share_target(store: &Store, s: &str, cwd: Option<&Path>) -> Result<Hash> {
     if let Ok((h, _)) = parse_target(s) {
         return Ok(h);
@@ -368,7 +383,11 @@ fn share_target(store: &Store, s: &str, cwd: Option<&Path>) -> Result<Hash> {
         return Ok(v);
     }
     if !path.exists() {
-        anyhow::bail!("{s:?} is neither a hash, a ticket, nor a file");
+        anyhow::bail!("{s:?} is neither a hash, a ticket, a file nor a folder");
+    }
+    if path.is_dir() {
+        let mut skip = |p: &Path, why: &str| tracing::warn!("share: left out {}: {why}", p.display());
+        return Ok(crate::folder_io::add_dir(store, &path, &path, &mut |_, _, _| Ok(()), &mut skip)?.0);
     }
     Ok(store.import_file(&path, true)?.0)
 }
@@ -478,7 +497,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     // `get` and `providers` without a daemon run a short-lived node.
     let mut _rt = None;
     let net = match &cli.command {
-        Command::Get { net, .. } | Command::Providers { net, .. } => {
+        Command::Get { net, .. } | Command::Providers { net, .. } | Command::Ls { hash: Some(_), net } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -540,8 +559,11 @@ fn forward_args(cli: &Cli) -> Result<Vec<String>> {
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     a.push(format!("--cwd={}", cwd.display()));
     match &cli.command {
-        Command::Add { paths } => {
+        Command::Add { paths, recursive } => {
             a.push("add".into());
+            if *recursive {
+                a.push("-r".into());
+            }
             a.push("--".into());
             a.extend(paths.iter().map(|p| p.to_string_lossy().into_owned()));
         }
@@ -559,7 +581,12 @@ fn forward_args(cli: &Cli) -> Result<Vec<String>> {
         Command::Share { target } => a.extend(["share".into(), "--".into(), target.clone()]),
         Command::Open { ticket } => a.extend(["open".into(), "--".into(), ticket.clone()]),
         Command::Status => a.push("status".into()),
-        Command::Ls => a.push("ls".into()),
+        Command::Ls { hash, .. } => {
+            a.push("ls".into());
+            if let Some(h) = hash {
+                a.extend(["--".into(), h.clone()]);
+            }
+        }
         Command::Gc => a.push("gc".into()),
         Command::Pin { hashes } | Command::Unpin { hashes } | Command::Verify { hashes } => {
             a.push(
@@ -581,9 +608,10 @@ fn forward_args(cli: &Cli) -> Result<Vec<String>> {
 /// The hashes a command names, parsed.
 fn hashes(cmd: &Command) -> Result<Vec<Hash>> {
     match cmd {
-        Command::Cat { hash } | Command::Get { hash, .. } | Command::Providers { hash, .. } => {
-            Ok(vec![parse_target(hash)?.0])
-        }
+        Command::Cat { hash }
+        | Command::Get { hash, .. }
+        | Command::Providers { hash, .. }
+        | Command::Ls { hash: Some(hash), .. } => Ok(vec![parse_target(hash)?.0]),
         Command::Open { ticket } => Ok(vec![parse_target(ticket)?.0]),
         Command::Pin { hashes } | Command::Unpin { hashes } | Command::Verify { hashes } => {
             hashes.iter().map(|h| parse_hash(h)).collect()
@@ -606,15 +634,20 @@ pub fn execute(
         store.set_cache_size(c)?;
     }
     // A ticket's peers are dialed first, and asked before any others.
-    if let (Command::Cat { hash: t } | Command::Get { hash: t, .. } | Command::Providers { hash: t, .. }, Some(n)) =
-        (&cli.command, net)
+    if let (
+        Command::Cat { hash: t }
+        | Command::Get { hash: t, .. }
+        | Command::Providers { hash: t, .. }
+        | Command::Ls { hash: Some(t), .. },
+        Some(n),
+    ) = (&cli.command, net)
     {
         if let (_, Some(ticket)) = parse_target(t)? {
             introduce(n, &ticket, n.lookup_timeout);
         }
     }
     match &cli.command {
-        Command::Add { paths } => add(store, paths, cli.cwd.as_deref(), cli.json, out, err),
+        Command::Add { paths, recursive } => add(store, paths, *recursive, cli.cwd.as_deref(), cli.json, out, err),
         Command::Share { target } => {
             let n = net.context(
                 "no daemon is running for this data directory; a ticket carries the daemon's addresses: start one with `swarmfs mount DIR`",
@@ -665,6 +698,12 @@ pub fn execute(
         }
         Command::Get { out: path, .. } => {
             let n = net.context("no node to fetch with")?;
+            if crate::folder_io::is_folder(store, Some(n), &hashes[0])? {
+                let dir = path
+                    .as_ref()
+                    .with_context(|| format!("{} is a folder: say where to put it with -o DIR", hashes[0]))?;
+                return crate::folder_io::get(store, n, hashes[0], dir, cli.progress, err);
+            }
             crate::fetch::fetch_all(n, store, hashes[0], cli.progress, err)?;
             match path {
                 Some(p) => {
@@ -811,7 +850,8 @@ pub fn execute(
             }
             Ok(0)
         }
-        Command::Ls => ls(store, cli.json, out),
+        Command::Ls { hash: None, .. } => ls(store, cli.json, out),
+        Command::Ls { hash: Some(_), .. } => crate::folder_io::list(store, net, &hashes[0], cli.json, out),
         Command::Pin { .. } | Command::Unpin { .. } => {
             let pin = matches!(cli.command, Command::Pin { .. });
             for h in &hashes {
@@ -883,17 +923,21 @@ fn human(n: u64) -> String {
 }
 
 #[derive(Serialize)]
-struct Added<'a> {
+struct Added {
     hash: Hash,
     size: u64,
-    path: &'a Path,
+    path: PathBuf,
+    /// A folder: `hash` is its manifest's, `size` the bytes of files beneath.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    folder: bool,
 }
 
-/// Adds files; relative paths are read from `cwd` when given (the client's, in the daemon)
-/// and printed as they were given.
+/// Adds files (and with `recursive`, folders); relative paths are read from `cwd` when given
+/// (the client's, in the daemon) and printed as they were given.
 fn add(
     store: &Store,
     paths: &[PathBuf],
+    recursive: bool,
     cwd: Option<&Path>,
     json: bool,
     out: &mut dyn Write,
@@ -901,18 +945,78 @@ fn add(
 ) -> Result<u8> {
     let mut failed = false;
     let mut added = Vec::new();
+    let mut line = |a: Added, out: &mut dyn Write| -> Result<()> {
+        if json {
+            added.push(a);
+        } else if a.folder {
+            writeln!(out, "{}", b3sum_line(&a.hash, &a.path.join("")))?;
+            out.flush()?;
+        } else {
+            writeln!(out, "{}", b3sum_line(&a.hash, &a.path))?;
+            out.flush()?;
+        }
+        Ok(())
+    };
     for p in paths {
         let real = cwd.map_or_else(|| p.clone(), |c| c.join(p));
-        match store.import_file(&real, true) {
-            Ok((h, size)) => {
-                if json {
-                    added.push(Added { hash: h, size, path: p });
-                } else {
-                    writeln!(out, "{}", b3sum_line(&h, p))?;
-                    out.flush()?;
+        if recursive && real.is_dir() {
+            let mut skipped = Vec::new();
+            let res = crate::folder_io::add_dir(
+                store,
+                &real,
+                p,
+                &mut |h, size, shown| {
+                    line(
+                        Added {
+                            hash: *h,
+                            size,
+                            path: shown.to_owned(),
+                            folder: false,
+                        },
+                        &mut *out,
+                    )
+                },
+                &mut |shown, why| skipped.push(format!("swarmfs: left out {}: {why}", shown.display())),
+            );
+            for s in skipped {
+                writeln!(err, "{s}")?;
+            }
+            match res {
+                Ok((hash, size)) => line(
+                    Added {
+                        hash,
+                        size,
+                        path: p.clone(),
+                        folder: true,
+                    },
+                    &mut *out,
+                )?,
+                Err(e) => {
+                    writeln!(err, "swarmfs: {e:#}")?;
+                    failed = true;
                 }
             }
-            Err(e @ (StoreError::Io { .. } | StoreError::IsDir { .. })) => {
+            continue;
+        }
+        match store.import_file(&real, true) {
+            Ok((h, size)) => line(
+                Added {
+                    hash: h,
+                    size,
+                    path: p.clone(),
+                    folder: false,
+                },
+                &mut *out,
+            )?,
+            Err(e @ StoreError::IsDir { .. }) => {
+                writeln!(
+                    err,
+                    "swarmfs: {:#} (add a folder and what is in it with `swarmfs add -r`)",
+                    anyhow::Error::from(e)
+                )?;
+                failed = true;
+            }
+            Err(e @ StoreError::Io { .. }) => {
                 writeln!(err, "swarmfs: {:#}", anyhow::Error::from(e))?;
                 failed = true;
             }

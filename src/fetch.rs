@@ -263,6 +263,15 @@ impl Fetcher {
         all
     }
 
+    /// Blob `h` verified but its content is hostile (a malformed folder manifest): every peer
+    /// known to provide it is banned for the session, and forgotten as its provider.
+    pub async fn refuse(&self, h: &Hash, why: &str) {
+        for p in self.known(h) {
+            self.forget(h, &p);
+            self.net.ban_for(p, &format!("it provides {h}, which {why}")).await;
+        }
+    }
+
     /// Providers set aside right now, after failures to reach them.
     pub fn set_aside(&self) -> Vec<PeerId> {
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());

@@ -20,6 +20,8 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod fetch;
+pub mod folder;
+pub mod folder_io;
 pub mod fs;
 pub mod hash;
 pub mod names;

@@ -80,6 +80,10 @@ pub struct Node {
     /// Names of a file; 2 + sub-folders of a folder. Tables before layout 3 lack it.
     #[serde(default)]
     pub nlink: u32,
+    /// For a folder, the manifests of its hash as last computed (`user.swarmfs.hash`); the
+    /// folder holds them, as a file holds its blob.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub manifests: Vec<Hash>,
 }
 
 /// Nanoseconds since the epoch, now.
@@ -113,6 +117,7 @@ impl Node {
             target: Vec::new(),
             rdev: 0,
             nlink: if kind == Kind::Dir { 2 } else { 1 },
+            manifests: Vec::new(),
         }
     }
 }
@@ -293,18 +298,25 @@ impl<'a> Change<'a> {
     }
 }
 
-/// Keeps the 'h' record of `ino` in step as its node goes from `old` to `new`.
+/// Keeps the 'h' records of `ino` in step as its node goes from `old` to `new`: a file holds
+/// its blob, a folder the manifests of its last computed hash.
 fn rehold(b: &mut sled::Batch, ino: u64, old: Option<&Node>, new: Option<&Node>) {
-    let held = |n: Option<&Node>| n.filter(|n| n.kind == Kind::File).and_then(|n| n.hash);
+    let held = |n: Option<&Node>| -> Vec<Hash> {
+        match n {
+            Some(n) if n.kind == Kind::File => n.hash.into_iter().collect(),
+            Some(n) if n.kind == Kind::Dir => n.manifests.clone(),
+            _ => Vec::new(),
+        }
+    };
     let (was, is) = (held(old), held(new));
     if was == is {
         return;
     }
-    if let Some(h) = was {
-        b.remove(hold_key(&h, ino));
+    for h in was.iter().filter(|h| !is.contains(h)) {
+        b.remove(hold_key(h, ino));
     }
-    if let Some(h) = is {
-        b.insert(hold_key(&h, ino), &[][..]);
+    for h in is.iter().filter(|h| !was.contains(h)) {
+        b.insert(hold_key(h, ino), &[][..]);
     }
 }
 

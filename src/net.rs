@@ -765,7 +765,12 @@ impl Net {
     }
 
     async fn ban(&self, p: PeerId) {
-        tracing::warn!(peer = %p, "banned for this session: it sent data that failed verification");
+        self.ban_for(p, "it sent data that failed verification").await
+    }
+
+    /// Bans `p` for this session: it is disconnected, never asked again, and not served.
+    pub async fn ban_for(&self, p: PeerId, why: &str) {
+        tracing::warn!(peer = %p, "banned for this session: {why}");
         self.banned.lock().unwrap_or_else(|e| e.into_inner()).insert(p);
         let _ = self.tx.send(Cmd::Ban(p)).await;
     }
