@@ -683,6 +683,10 @@ impl crate::fs::BlobSource for NetSource {
         self.rt.block_on(f.unless_stopped(f.size(*hash, timeout), None))
     }
 
+    fn refuse(&self, hash: &Hash, why: &str) {
+        self.rt.block_on(self.fetcher.refuse(hash, why));
+    }
+
     fn fetch(&self, hash: &Hash, want: Range<u64>, readahead: Range<u64>) -> bool {
         if !readahead.is_empty() {
             let (f, h) = (self.fetcher.clone(), *hash);

@@ -918,3 +918,89 @@ mod tests {
         assert!(!stays_inside(b"../../x", 1));
     }
 }
+
+/// Golden manifests: these hashes are the format. A change that moves one breaks every
+/// folder hash ever published; it needs a new version in the magic line, not a new constant.
+#[cfg(test)]
+mod golden {
+    use super::*;
+
+    fn file(name: &str, content: &str) -> Entry {
+        Entry::file(
+            name.as_bytes(),
+            content.len() as u64,
+            Hash::of(content.as_bytes()),
+            false,
+        )
+    }
+
+    fn hash_of(entries: Vec<Entry>) -> String {
+        build(entries).unwrap().hash.to_string()
+    }
+
+    /// A folder of `n` files `f00000`.. with a 40-byte name each, content "i".
+    fn many(n: usize) -> Vec<Entry> {
+        (0..n)
+            .map(|i| file(&format!("f{i:05}-{}", "n".repeat(33)), &i.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn shapes() {
+        let empty = build(vec![]).unwrap();
+        assert_eq!(empty.blobs[0].1, b"swarmfs-folder 1\n\x00\x00\x00\x00\x00");
+        let one = build(vec![file("hello.txt", "hello\n")]).unwrap();
+        let sub = build(vec![file("d", "deep\n")]).unwrap();
+        let nested = vec![
+            Entry::folder(b"sub", sub.total, sub.hash),
+            Entry::file(b"run.sh", 18, Hash::of(b"#!/bin/sh\necho hi\n"), true),
+            file("a.txt", "hello\n"),
+        ];
+        let links = vec![
+            file("a", "x"),
+            Entry::symlink(b"to-a", b"a"),
+            Entry::symlink(b"up", b"../elsewhere/b"),
+        ];
+        let unicode = vec![file("café.txt", "é"), file("日本語", "ja"), file("emoji-🦀", "rust")];
+        let parts = build(many(20_000)).unwrap();
+        assert!(parts.blobs.len() > 1);
+        let got = [
+            empty.hash.to_string(),
+            one.hash.to_string(),
+            hash_of(nested),
+            hash_of(links),
+            hash_of(unicode),
+            hash_of(many(10_000)),
+            parts.hash.to_string(),
+        ];
+        let want = [
+            "34b88d9642288eea489b9ab57ac62ea84311f74265f4360cd42603a4f8fa86a9",
+            "3d5b83fd72dd7bfbfa1eac15515df424bf29c6078a9cccd2d20c16c633e1229e",
+            "9a8ecf2cd4ec2525abfd5cc44a74c1bbd3e944c0cd7ce77a84b7c3bc1b069fef",
+            "1506771c4f9a1c6cef49d8499c79a7109ca30aadcb213d2e1d2d5bdbf65c1d07",
+            "348a64ef16e4324584c71129609fd724fff260c493a7f9564818fd4e1e515223",
+            "08df664a09bd8ce45b667d120bba85bf43eed8940a5c29b83b8e0c22282c1388",
+            "b58f1d265906e7ce018cce0de7c99ca9762aad8b8c081bf697aded1c6c1eea19",
+        ];
+        let names = [
+            "empty",
+            "one file",
+            "nested",
+            "symlinks",
+            "unicode",
+            "10,000 entries",
+            "parts",
+        ];
+        for ((g, w), n) in got.iter().zip(want).zip(names) {
+            assert_eq!(g, w, "the golden hash of the {n} folder moved");
+        }
+        // The one-file manifest byte for byte, as docs/folders.md spells it out (written
+        // here by hand from the spec, not by the encoder).
+        let hex = "737761726d66732d666f6c64657220310a0001000000000006000000000000008e4c7c1b99dbfd50e7a95185fead5ee1448fa904a2fdd778eaf5f2dbfd629a99090068656c6c6f2e747874";
+        let want: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        assert_eq!(one.blobs[0].1, want);
+    }
+}

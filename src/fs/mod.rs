@@ -7,8 +7,12 @@
 //! blob bytes run on the tokio blocking pool and reply from there. Index lookups (sled, held
 //! in memory) are answered inline.
 //!
-//! Inode numbers: the root is 1, the user's names take numbers from the names table, and
-//! blobs get numbers from `HASH_INO_BASE` up, handed out as they are first looked up.
+//! Inode numbers: the root is 1, the user's names take numbers from the names table, blobs
+//! get numbers from `HASH_INO_BASE` up, and the entries inside published folders
+//! (`DIR/<folder hash>/...`) from `TREE_INO_BASE` up, each handed out as it is first looked up.
+//!
+//! A blob whose content is a folder manifest (see `folder.rs`) is a read-only folder: looking
+//! it up or listing it fetches only manifests; its files are fetched as they are read.
 
 mod ops;
 
@@ -21,12 +25,17 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{BackingId, Errno, FileAttr, FileType, INodeNo};
 
+use crate::folder::{self, Entry, EntryKind, FolderError, Manifest, ManifestSource, Reader};
 use crate::hash::Hash;
 use crate::names::{self, Kind, Names, NamesError, Node, ROOT};
 use crate::store::{BlobReader, Staging, Store, StoreError};
 
 /// Blob inode numbers start here, far above any the names table will reach.
 const HASH_INO_BASE: u64 = 1 << 48;
+/// Entries inside published folders take numbers from here up.
+const TREE_INO_BASE: u64 = 1 << 56;
+/// Parsed manifests kept in memory (each at most 1 MiB on disk).
+const MANIFESTS_KEPT: usize = 128;
 /// Blobs never change, so the kernel may keep their entries and attributes for long.
 const HASH_TTL: Duration = Duration::from_secs(24 * 3600);
 /// The user's names change only through us; a short TTL keeps other views honest.
@@ -48,6 +57,10 @@ pub trait BlobSource: Send + Sync + 'static {
     /// most the read timeout, and starts fetching `readahead` in the background. True when
     /// `want` is present.
     fn fetch(&self, hash: &Hash, want: std::ops::Range<u64>, readahead: std::ops::Range<u64>) -> bool;
+
+    /// Blob `hash` verified, but its content is hostile (a malformed folder manifest): the
+    /// peers that provide it are banned.
+    fn refuse(&self, _hash: &Hash, _why: &str) {}
 }
 
 /// The source with no peers: every unknown hash is ENOENT at once.
@@ -84,6 +97,8 @@ enum Handle {
         ahead: Mutex<(u64, u64)>,
         /// An open blob is never evicted under its reader.
         _hold: Holding,
+        /// For a file inside a published folder: the size its folder says, and that folder.
+        expect: Option<(u64, Hash)>,
     },
     /// A user file; `write` if opened for writing.
     File {
@@ -136,6 +151,31 @@ struct HashInos {
     by_ino: HashMap<u64, Hash>,
 }
 
+/// An entry inside a published folder (`DIR/<folder hash>/...`).
+struct TreeNode {
+    /// The inode of the folder that lists it.
+    parent: u64,
+    entry: Entry,
+    /// Folders between it and the `DIR/<hash>` it was reached from (0: listed there).
+    depth: usize,
+    /// The folder that lists it: its providers answer for what the entry says.
+    from: Hash,
+}
+
+/// Inode numbers of entries inside published folders, both ways.
+#[derive(Default)]
+struct TreeInos {
+    nodes: HashMap<u64, Arc<TreeNode>>,
+    by_key: HashMap<(u64, Vec<u8>), u64>,
+}
+
+/// Parsed manifests, the last `MANIFESTS_KEPT` used.
+#[derive(Default)]
+struct Parsed {
+    map: HashMap<Hash, Arc<Manifest>>,
+    order: std::collections::VecDeque<Hash>,
+}
+
 /// The filesystem's state, shared by the FUSE threads and the tasks they start.
 pub struct Inner {
     store: Arc<Store>,
@@ -161,6 +201,12 @@ pub struct Inner {
     /// kept in memory, with their blob held, until the last of those is released. Nothing
     /// written to them is published.
     orphans: Mutex<HashMap<u64, (Node, Option<Holding>)>>,
+    /// Entries inside published folders.
+    tree_inos: Mutex<TreeInos>,
+    /// Blobs looked up by hash: true if the blob is a folder. Content never changes, so
+    /// neither does the answer.
+    kinds: Mutex<HashMap<Hash, bool>>,
+    parsed: Mutex<Parsed>,
 }
 
 /// What `getattr` shows of a file with staged changes.
@@ -290,6 +336,9 @@ impl SwarmFs {
             passthrough: AtomicBool::new(false),
             checking: Mutex::default(),
             orphans: Mutex::default(),
+            tree_inos: Mutex::default(),
+            kinds: Mutex::default(),
+            parsed: Mutex::default(),
         }))
     }
 }
@@ -317,11 +366,14 @@ impl Inner {
         lock(&self.hash_inos).by_ino.get(&ino).copied()
     }
 
-    /// The attributes of blob `h`, if it is held locally.
+    /// The attributes of blob `h`, if it is held locally (a folder's, if it is one).
     fn hash_attr(&self, h: &Hash) -> Result<Option<FileAttr>, Errno> {
         let Some(info) = self.store.info(h).map_err(store_errno)? else {
             return Ok(None);
         };
+        if lock(&self.kinds).get(h) == Some(&true) {
+            return Ok(Some(self.dir_attr(self.hash_ino(h))));
+        }
         Ok(Some(FileAttr {
             ino: INodeNo(self.hash_ino(h)),
             size: info.size,
@@ -373,6 +425,9 @@ impl Inner {
 
     /// Attributes and TTL for any inode.
     fn attr(&self, ino: u64) -> Result<(FileAttr, Duration), Errno> {
+        if let Some(n) = self.tree_node(ino) {
+            return Ok((self.tree_attr(ino, &n)?, HASH_TTL));
+        }
         if let Some(h) = self.ino_hash(ino) {
             return self.hash_attr(&h)?.map(|a| (a, HASH_TTL)).ok_or(Errno::ENOENT);
         }
@@ -470,9 +525,9 @@ impl Inner {
 
     /// Names in the root that are blob names belong to the read-only hash namespace, and so
     /// do their look-alikes in other cases: a name `3F2A...` must not hold other content than
-    /// the blob `3f2a...`.
+    /// the blob `3f2a...`. Everything inside a published folder is read-only too.
     fn reserved(parent: u64, name: &OsStr) -> bool {
-        parent == ROOT && name.to_str().is_some_and(|s| s.parse::<Hash>().is_ok())
+        is_read_only(parent) || (parent == ROOT && name.to_str().is_some_and(|s| s.parse::<Hash>().is_ok()))
     }
 
     fn new_fh(&self, h: Handle) -> u64 {
@@ -495,7 +550,11 @@ impl Inner {
     fn read(&self, h: &Handle, off: u64, size: u32) -> Result<Vec<u8>, Errno> {
         match h {
             Handle::Blob {
-                hash, reader, ahead, ..
+                hash,
+                reader,
+                ahead,
+                expect,
+                ..
             } => {
                 for attempt in 0..2 {
                     // The reader is not held while the network is waited on: the kernel sends
@@ -504,7 +563,17 @@ impl Inner {
                     let (e, blob_size) = {
                         let mut r = lock(reader);
                         if r.is_none() || attempt > 0 {
-                            *r = Some(self.blob_reader(hash)?);
+                            let rd = self.blob_reader(hash)?;
+                            if let Some((size, from)) = *expect {
+                                if rd.size() != size {
+                                    let why = format!("says {hash} is {size} bytes, and it is {}", rd.size());
+                                    tracing::warn!(folder = %from, "refused: the folder's manifest {why}");
+                                    self.source
+                                        .refuse(&from, &format!("is a folder manifest that lies ({why})"));
+                                    return Err(Errno::EIO);
+                                }
+                            }
+                            *r = Some(rd);
                         }
                         let rd = r.as_mut().expect("just set");
                         match rd.read_at(off, size as usize) {
@@ -827,6 +896,9 @@ impl Inner {
 
     /// The entries of a folder: user names, then (in the root) the local blobs.
     fn dir_entries(&self, ino: u64) -> Result<Vec<(u64, FileType, Vec<u8>)>, Errno> {
+        if is_read_only(ino) {
+            return self.tree_entries(ino);
+        }
         let node = self.node(ino)?;
         if node.kind != Kind::Dir {
             return Err(Errno::ENOTDIR);
@@ -841,12 +913,14 @@ impl Inner {
         if ino == ROOT {
             let mut blobs = self.store.list().map_err(store_errno)?;
             blobs.sort_by_key(|b| b.hash);
+            let kinds = lock(&self.kinds);
             for b in blobs {
-                out.push((
-                    self.hash_ino(&b.hash),
-                    FileType::RegularFile,
-                    b.hash.to_string().into_bytes(),
-                ));
+                let kind = if kinds.get(&b.hash) == Some(&true) {
+                    FileType::Directory
+                } else {
+                    FileType::RegularFile
+                };
+                out.push((self.hash_ino(&b.hash), kind, b.hash.to_string().into_bytes()));
             }
         }
         Ok(out)
@@ -856,18 +930,313 @@ impl Inner {
     fn lookup(&self, parent: u64, name: &OsStr) -> Result<(FileAttr, Duration), Errno> {
         if parent == ROOT {
             if let Some(h) = name.to_str().and_then(Hash::parse_lowercase) {
-                return Ok((self.hash_attr_or_find(&h)?, HASH_TTL));
+                let a = self.hash_attr_or_find(&h)?;
+                if self.classify(&h)? {
+                    return Ok((self.dir_attr(a.ino.0), HASH_TTL));
+                }
+                return Ok((a, HASH_TTL));
             }
+        }
+        if is_read_only(parent) {
+            let (h, total, depth) = self.folder_at(parent)?.ok_or(Errno::ENOTDIR)?;
+            let e = Reader::new(&Manifests(self))
+                .find(&h, total, name.as_bytes())
+                .map_err(|e| self.folder_error(e))?
+                .ok_or(Errno::ENOENT)?;
+            let ino = self.tree_ino(parent, e, depth, h)?;
+            let n = self.tree_node(ino).ok_or(Errno::ENOENT)?;
+            return Ok((self.tree_attr(ino, &n)?, HASH_TTL));
         }
         let (ino, n) = self.names.lookup(parent, name.as_bytes())?.ok_or(Errno::ENOENT)?;
         Ok((self.node_attr(ino, &n), NAME_TTL))
     }
 
-    /// The value of `user.swarmfs.hash` for an inode.
+    /// The value of `user.swarmfs.hash` for an inode: a folder's is computed (and its
+    /// manifests stored and announced) from what it holds now.
     fn hash_of(&self, ino: u64) -> Result<Hash, Errno> {
+        if let Some(n) = self.tree_node(ino) {
+            return Ok(n.entry.hash);
+        }
         if let Some(h) = self.ino_hash(ino) {
             return Ok(h);
         }
-        self.node(ino)?.hash.ok_or(Errno::ENODATA)
+        let node = self.node(ino)?;
+        if node.kind == Kind::Dir {
+            return Ok(self.folder_hash(ino, 0)?.0);
+        }
+        node.hash.ok_or(Errno::ENODATA)
+    }
+
+    /// True if `ino` has a `user.swarmfs.hash` (without computing a folder's).
+    fn has_hash(&self, ino: u64) -> bool {
+        is_read_only(ino)
+            || self
+                .node(ino)
+                .is_ok_and(|n| n.kind == Kind::Dir || (n.kind == Kind::File && n.hash.is_some()))
+    }
+
+    /// The hash of user folder `ino` (`depth` below the folder asked about) and the bytes of
+    /// files beneath: the manifests of it and of every folder beneath are stored, announced,
+    /// and held by their folders until they change. A file not yet closed counts with its
+    /// last committed content; pipes, sockets, devices and absolute symlinks are left out.
+    fn folder_hash(&self, ino: u64, depth: usize) -> Result<(Hash, u64), Errno> {
+        if depth > folder::MAX_DEPTH {
+            tracing::warn!(ino, "folders nested deeper than {} have no hash", folder::MAX_DEPTH);
+            return Err(Errno::ELOOP);
+        }
+        let mut entries = Vec::new();
+        for (cino, c) in self.names.children(ino, 0)? {
+            match c.kind {
+                Kind::File => {
+                    let (h, size) = c.hash.map_or((Hash::EMPTY, 0), |h| (h, c.size));
+                    entries.push(Entry::file(&c.name, size, h, folder::is_exec(c.perm)));
+                }
+                Kind::Dir => {
+                    let (h, total) = self.folder_hash(cino, depth + 1)?;
+                    entries.push(Entry::folder(&c.name, total, h));
+                }
+                Kind::Symlink if folder::check_target(&c.target).is_ok() => {
+                    entries.push(Entry::symlink(&c.name, &c.target));
+                }
+                _ => tracing::debug!(ino = cino, "left out of its folder's manifest"),
+            }
+        }
+        let built = folder::build(entries).map_err(|why| {
+            tracing::error!(ino, "cannot make the folder's manifest: {why}");
+            Errno::EIO
+        })?;
+        let _held: Vec<_> = built.blobs.iter().map(|(h, _)| self.store.hold_guard(*h)).collect();
+        for (h, bytes) in &built.blobs {
+            if !self.store.info(h).map_err(store_errno)?.is_some_and(|i| i.complete) {
+                self.store.import_reader(&bytes[..], false).map_err(store_errno)?;
+            }
+        }
+        let hashes: Vec<Hash> = built.blobs.iter().map(|(h, _)| *h).collect();
+        if self.node(ino)?.manifests != hashes {
+            self.names.update(ino, |n| n.manifests = hashes)?;
+        }
+        Ok((built.hash, built.total))
+    }
+
+    /// Attributes of a read-only folder.
+    fn dir_attr(&self, ino: u64) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(ino),
+            size: 4096,
+            blocks: 8,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: FileType::Directory,
+            perm: 0o555,
+            nlink: 2,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 1 << 20,
+            flags: 0,
+        }
+    }
+
+    fn tree_node(&self, ino: u64) -> Option<Arc<TreeNode>> {
+        if ino < TREE_INO_BASE {
+            return None;
+        }
+        lock(&self.tree_inos).nodes.get(&ino).cloned()
+    }
+
+    /// The inode of entry `e` of the published folder at inode `parent`, handed out on first
+    /// use. A symlink that climbs out of the `DIR/<hash>` it was reached from is refused.
+    fn tree_ino(&self, parent: u64, e: Entry, depth: usize, from: Hash) -> Result<u64, Errno> {
+        if e.kind == EntryKind::Symlink && !folder::stays_inside(&e.target, depth) {
+            tracing::warn!(
+                folder = %from,
+                "refused: symlink {:?} -> {:?} climbs out of the folder",
+                String::from_utf8_lossy(&e.name),
+                String::from_utf8_lossy(&e.target)
+            );
+            return Err(Errno::EIO);
+        }
+        let mut t = lock(&self.tree_inos);
+        let key = (parent, e.name.clone());
+        if let Some(&ino) = t.by_key.get(&key) {
+            return Ok(ino);
+        }
+        let ino = TREE_INO_BASE + t.nodes.len() as u64;
+        t.by_key.insert(key, ino);
+        t.nodes.insert(
+            ino,
+            Arc::new(TreeNode {
+                parent,
+                entry: e,
+                depth,
+                from,
+            }),
+        );
+        Ok(ino)
+    }
+
+    /// Attributes of an entry inside a published folder, all from its manifest: listing
+    /// never fetches file content. A file's blocks count what is held here.
+    fn tree_attr(&self, ino: u64, n: &TreeNode) -> Result<FileAttr, Errno> {
+        let e = &n.entry;
+        let mut a = self.dir_attr(ino);
+        match e.kind {
+            EntryKind::Folder => {}
+            EntryKind::File => {
+                let held = self.store.info(&e.hash).map_err(store_errno)?.map_or(0, |i| i.present);
+                a.kind = FileType::RegularFile;
+                a.size = e.size;
+                a.blocks = held.div_ceil(512);
+                a.perm = if e.exec { 0o555 } else { 0o444 };
+                a.nlink = 1;
+            }
+            EntryKind::Symlink => {
+                a.kind = FileType::Symlink;
+                a.size = e.size;
+                a.blocks = 0;
+                a.perm = 0o777;
+                a.nlink = 1;
+            }
+        }
+        Ok(a)
+    }
+
+    /// True if blob `h` (found, so its first group is here or on its way) is a folder: its
+    /// content starts with the manifest's magic line, and its manifest is sound.
+    fn classify(&self, h: &Hash) -> Result<bool, Errno> {
+        if let Some(&k) = lock(&self.kinds).get(h) {
+            return Ok(k);
+        }
+        let size = self.store.info(h).map_err(store_errno)?.map_or(0, |i| i.size);
+        let head = folder::MAGIC.len();
+        let folder = if (head as u64..=folder::PART_BYTES as u64).contains(&size) {
+            if !self.store.missing(h, 0..1).map_err(store_errno)?.is_empty() && !self.source.fetch(h, 0..1, 0..0) {
+                return Err(Errno::EIO);
+            }
+            let start = self.store.reader(h).and_then(|mut r| r.read_at(0, head));
+            folder::looks_like_manifest(&start.map_err(|e| store_errno(self.store.note_corrupt(e)))?)
+        } else {
+            false
+        };
+        if folder {
+            // A blob that starts like a manifest and is not a sound one is refused whole.
+            Reader::new(&Manifests(self))
+                .root(h, None)
+                .map_err(|e| self.folder_error(e))?;
+        }
+        lock(&self.kinds).insert(*h, folder);
+        Ok(folder)
+    }
+
+    /// The published folder at inode `ino`: its manifest, the bytes its parent says are
+    /// beneath (none for `DIR/<hash>`), and its depth below `DIR/<hash>`.
+    fn folder_at(&self, ino: u64) -> Result<Option<(Hash, Option<u64>, usize)>, Errno> {
+        if let Some(n) = self.tree_node(ino) {
+            return Ok((n.entry.kind == EntryKind::Folder).then(|| (n.entry.hash, Some(n.entry.size), n.depth + 1)));
+        }
+        match self.ino_hash(ino) {
+            Some(h) => Ok(self.classify(&h)?.then_some((h, None, 0))),
+            None => Ok(None),
+        }
+    }
+
+    /// The entries of a published folder, with `.` and `..`.
+    fn tree_entries(&self, ino: u64) -> Result<Vec<(u64, FileType, Vec<u8>)>, Errno> {
+        let (h, total, depth) = self.folder_at(ino)?.ok_or(Errno::ENOTDIR)?;
+        let entries = Reader::new(&Manifests(self))
+            .list(&h, total)
+            .map_err(|e| self.folder_error(e))?;
+        let parent = self.tree_node(ino).map_or(ROOT, |n| n.parent);
+        let mut out = vec![
+            (ino, FileType::Directory, b".".to_vec()),
+            (parent, FileType::Directory, b"..".to_vec()),
+        ];
+        for e in entries {
+            let kind = match e.kind {
+                EntryKind::File => FileType::RegularFile,
+                EntryKind::Folder => FileType::Directory,
+                EntryKind::Symlink => FileType::Symlink,
+            };
+            let name = e.name.clone();
+            // A symlink that climbs out is listed, and refused when looked up.
+            let cino = self.tree_ino(ino, e, depth, h).unwrap_or(ino);
+            out.push((cino, kind, name));
+        }
+        Ok(out)
+    }
+
+    /// The errno for a folder that cannot be read; a hostile manifest's peers are banned.
+    fn folder_error(&self, e: FolderError) -> Errno {
+        tracing::warn!("{e}");
+        match e {
+            FolderError::Malformed { hash, why } => {
+                self.source
+                    .refuse(&hash, &format!("is a malformed folder manifest ({why})"));
+                Errno::EIO
+            }
+            FolderError::NotAFolder(_) => Errno::ENOTDIR,
+            FolderError::Escapes { .. } | FolderError::Unavailable { .. } => Errno::EIO,
+        }
+    }
+}
+
+/// True for inodes of the read-only hash namespace: blobs, and what published folders hold.
+fn is_read_only(ino: u64) -> bool {
+    ino >= HASH_INO_BASE
+}
+
+/// Manifests for the mount: from the store, fetched through the source if need be, and kept
+/// parsed.
+struct Manifests<'a>(&'a Inner);
+
+impl ManifestSource for Manifests<'_> {
+    fn get(&self, h: &Hash) -> Result<Vec<u8>, FolderError> {
+        let fs = self.0;
+        let unavailable = |why: &str| FolderError::Unavailable {
+            hash: *h,
+            why: why.to_string(),
+        };
+        let info = fs.store.info(h).map_err(|e| unavailable(&e.to_string()))?;
+        let size = match info {
+            Some(i) if i.size_verified => i.size,
+            _ => fs
+                .source
+                .find(h, fs.opts.lookup_timeout)
+                .ok_or_else(|| unavailable("no peer has it"))?,
+        };
+        if size > folder::PART_BYTES as u64 {
+            return Err(FolderError::Malformed {
+                hash: *h,
+                why: format!("{size} bytes, more than a manifest can be"),
+            });
+        }
+        let groups = crate::tree::Tree::new(size).groups();
+        let missing = fs
+            .store
+            .missing(h, 0..groups)
+            .map_err(|e| unavailable(&e.to_string()))?;
+        if !missing.is_empty() && !fs.source.fetch(h, 0..groups, 0..0) {
+            return Err(unavailable("its fetch did not finish in time"));
+        }
+        let mut r = fs.store.reader(h).map_err(|e| unavailable(&e.to_string()))?;
+        r.read_at(0, size as usize).map_err(|e| unavailable(&e.to_string()))
+    }
+
+    fn cached(&self, h: &Hash) -> Option<Arc<Manifest>> {
+        lock(&self.0.parsed).map.get(h).cloned()
+    }
+
+    fn cache(&self, h: Hash, m: Arc<Manifest>) {
+        let mut p = lock(&self.0.parsed);
+        if p.map.insert(h, m).is_none() {
+            p.order.push_back(h);
+        }
+        while p.order.len() > MANIFESTS_KEPT {
+            if let Some(old) = p.order.pop_front() {
+                p.map.remove(&old);
+            }
+        }
     }
 }

@@ -14,7 +14,8 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use super::{lock, Handle, Holding, Inner, SwarmFs, HASH_TTL, HASH_XATTR};
+use super::{is_read_only, lock, Handle, Holding, Inner, SwarmFs, HASH_TTL, HASH_XATTR};
+use crate::folder::EntryKind;
 use crate::names::{self, Kind, Node};
 
 /// Largest read and write we ask the kernel for.
@@ -106,7 +107,7 @@ impl Filesystem for SwarmFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        if self.0.ino_hash(ino.0).is_some() {
+        if is_read_only(ino.0) {
             return reply.error(Errno::EROFS);
         }
         self.0.spawn(move |fs| {
@@ -153,6 +154,12 @@ impl Filesystem for SwarmFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        if let Some(n) = self.0.tree_node(ino.0) {
+            return match n.entry.kind {
+                EntryKind::Symlink => reply.data(&n.entry.target),
+                _ => reply.error(Errno::EINVAL),
+            };
+        }
         match self.0.node(ino.0) {
             Ok(n) if n.kind == Kind::Symlink => reply.data(&n.target),
             Ok(_) => reply.error(Errno::EINVAL),
@@ -188,6 +195,9 @@ impl Filesystem for SwarmFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if Inner::reserved(parent.0, name) {
+            return reply.error(Errno::EROFS);
+        }
         match self.0.names.remove(parent.0, name.as_bytes(), true) {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(e.into()),
@@ -221,7 +231,7 @@ impl Filesystem for SwarmFs {
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        if self.0.ino_hash(ino.0).is_some() {
+        if is_read_only(ino.0) {
             // Blob entries are not names: copy one to name it.
             return reply.error(Errno::EPERM);
         }
@@ -329,9 +339,17 @@ impl Filesystem for SwarmFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
-        if let Some(hash) = self.0.ino_hash(ino.0) {
+        let blob = match self.0.tree_node(ino.0) {
+            Some(n) if n.entry.kind == EntryKind::File => Some((n.entry.hash, Some((n.entry.size, n.from)))),
+            Some(_) => return reply.error(Errno::EISDIR),
+            None => self.0.ino_hash(ino.0).map(|h| (h, None)),
+        };
+        if let Some((hash, expect)) = blob {
             if write {
                 return reply.error(Errno::EROFS);
+            }
+            if lock(&self.0.kinds).get(&hash) == Some(&true) && expect.is_none() {
+                return reply.error(Errno::EISDIR);
             }
             let backing = self.0.backing(ino.0, &hash, &reply);
             let fh = self.0.new_fh(Handle::Blob {
@@ -340,6 +358,7 @@ impl Filesystem for SwarmFs {
                 _backing: backing.clone(),
                 ahead: Mutex::new((0, 0)),
                 _hold: Holding::new(&self.0.store, hash),
+                expect,
             });
             return match backing {
                 // The kernel refuses KEEP_CACHE with passthrough: the backing file's own page
@@ -474,17 +493,28 @@ impl Filesystem for SwarmFs {
         });
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let entries = match self.0.dir_entries(ino.0) {
-            Ok(e) => e,
-            Err(e) => return reply.error(e),
-        };
-        for (i, (cino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(cino), i as u64 + 1, kind, OsStr::from_bytes(&name)) {
-                break;
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        fn answer(
+            entries: Result<Vec<(u64, fuser::FileType, Vec<u8>)>, Errno>,
+            offset: u64,
+            mut reply: ReplyDirectory,
+        ) {
+            let entries = match entries {
+                Ok(e) => e,
+                Err(e) => return reply.error(e),
+            };
+            for (i, (cino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+                if reply.add(INodeNo(cino), i as u64 + 1, kind, OsStr::from_bytes(&name)) {
+                    break;
+                }
             }
+            reply.ok();
         }
-        reply.ok();
+        if is_read_only(ino.0) {
+            // A published folder's manifests may have to be fetched: never on this thread.
+            return self.0.spawn(move |fs| answer(fs.dir_entries(ino.0), offset, reply));
+        }
+        answer(self.0.dir_entries(ino.0), offset, reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -516,21 +546,24 @@ impl Filesystem for SwarmFs {
         if name != HASH_XATTR {
             return reply.error(Errno::ENODATA);
         }
-        let value = match self.0.hash_of(ino.0) {
-            Ok(h) => h.to_string(),
-            Err(e) => return reply.error(e),
-        };
-        if size == 0 {
-            reply.size(value.len() as u32);
-        } else if (size as usize) < value.len() {
-            reply.error(Errno::ERANGE);
-        } else {
-            reply.data(value.as_bytes());
-        }
+        // A folder's hash is computed from what it holds, and its manifests stored.
+        self.0.spawn(move |fs| {
+            let value = match fs.hash_of(ino.0) {
+                Ok(h) => h.to_string(),
+                Err(e) => return reply.error(e),
+            };
+            if size == 0 {
+                reply.size(value.len() as u32);
+            } else if (size as usize) < value.len() {
+                reply.error(Errno::ERANGE);
+            } else {
+                reply.data(value.as_bytes());
+            }
+        });
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let list: &[u8] = if self.0.hash_of(ino.0).is_ok() {
+        let list: &[u8] = if self.0.has_hash(ino.0) {
             b"user.swarmfs.hash\0"
         } else {
             b""
