@@ -688,6 +688,10 @@ impl<'a, S: ManifestSource + ?Sized> Reader<'a, S> {
             }
             f(path, &e, h)?;
             if e.kind == EntryKind::Folder {
+                if depth + 1 > MAX_DEPTH {
+                    // Blamed on the manifest that goes one level too deep, which was fetched.
+                    return Err(bad(h, format!("folders nested deeper than {MAX_DEPTH}")));
+                }
                 self.walk_in(&e.hash, Some(e.size), path, depth + 1, budget, f)?;
             }
             path.truncate(len);

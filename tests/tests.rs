@@ -7,6 +7,7 @@ mod util;
 mod cli;
 mod crash;
 mod e2e;
+mod folders;
 mod mount;
 mod nat;
 mod net;
