@@ -337,6 +337,10 @@ impl Store {
         let Some(old) = self.meta(h)? else {
             return Ok(());
         };
+        if old.complete {
+            // Another sync (the fetch's own, behind its reader) got here first.
+            return Ok(());
+        }
         let mut m = old;
         let mut b = sled::Batch::default();
         if present.is_full() {
