@@ -60,7 +60,7 @@ pub struct Cli {
 pub enum Command {
     /// Store files and pin them; prints "<hash>  <path>" per file, exactly as b3sum does
     #[command(
-        after_help = "Examples:\n  swarmfs add a.iso b.txt > sums && b3sum -c sums\n  swarmfs add -r photos | tail -1     (the folder's hash)"
+        after_help = "Example:\n  swarmfs add a.iso b.txt > sums && b3sum -c sums\n  swarmfs add -r photos | tail -1     (the folder's hash)"
     )]
     Add {
         /// Add folders and everything in them; the last line is the folder's hash
@@ -74,7 +74,7 @@ pub enum Command {
     Cat { hash: String },
     /// List local blobs (hash, size, bytes present, pinned), or the entries of folder HASH
     #[command(
-        after_help = "Examples:\n  swarmfs ls\n  swarmfs ls --json | jq '.[] | select(.pinned)'\n  swarmfs ls 1f0e...9a3c     (a folder: hash, size, kind, name)"
+        after_help = "Example:\n  swarmfs ls\n  swarmfs ls --json | jq '.[] | select(.pinned)'\n  swarmfs ls 1f0e...9a3c     (a folder: hash, size, kind, name)"
     )]
     Ls {
         #[arg(value_name = "HASH|TICKET")]
@@ -100,7 +100,7 @@ pub enum Command {
     /// Fetch a blob or a folder from the network, verified, and write it to OUT (or a blob to
     /// stdout); resumes
     #[command(
-        after_help = "Examples:\n  swarmfs get 1f0e...9a3c -o film.mkv\n  swarmfs get 7c2d...01be -o photos     (a folder)"
+        after_help = "Example:\n  swarmfs get 1f0e...9a3c -o film.mkv\n  swarmfs get 7c2d...01be -o photos     (a folder)"
     )]
     Get {
         hash: String,
