@@ -468,7 +468,14 @@ impl Store {
 
     /// Writes a new or changed index entry, keeping the LRU key in step. The caller holds
     /// the write lock.
-    pub(crate) fn put_meta(&self, h: &Hash, old: Option<&Meta>, m: &mut Meta, mut b: sled::Batch) -> Result<()> {
+    pub(crate) fn put_meta(&self, h: &Hash, old: Option<&Meta>, m: &mut Meta, b: sled::Batch) -> Result<()> {
+        self.put_meta_lazy(h, old, m, b)?;
+        self.db.flush().map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    /// `put_meta` without waiting for the disk: durable with the index's next flush.
+    pub(crate) fn put_meta_lazy(&self, h: &Hash, old: Option<&Meta>, m: &mut Meta, mut b: sled::Batch) -> Result<()> {
         if let Some(old) = old {
             b.remove(&lru_key(old.tick, h)[..]);
         }
@@ -476,7 +483,6 @@ impl Store {
         b.insert(&lru_key(m.tick, h)[..], &[][..]);
         b.insert(&key(TAG_META, h)[..], &m.encode()[..]);
         self.db.apply_batch(b).map_err(|e| self.db_err(e))?;
-        self.db.flush().map_err(|e| self.db_err(e))?;
         Ok(())
     }
 

@@ -39,6 +39,9 @@ pub(crate) struct Partial {
     /// A write already said a sync is due, and that sync has not taken its snapshot yet:
     /// later writes do not ask again.
     sync_asked: bool,
+    /// Its files were made in this run and `blobs/` has not been synced since: the first sync
+    /// makes their names durable before it records any group.
+    fresh: bool,
 }
 
 /// What a write left to do.
@@ -140,13 +143,15 @@ impl Store {
         let data = open(self.data_path(h), size)?;
         let ob = open(self.ob_path(h), tree.outboard_size())?;
         if old.is_none() {
-            // Enter the blob before any byte is written, so its files are never orphans.
-            self.sync_blobs_dir()?;
+            // The entry goes in first, but nothing waits for the disk here: a crash before
+            // the first sync leaves files the index may not list (the next open removes
+            // them) or an entry whose files are gone (dropped), never a group recorded
+            // without its bytes and its files' names on disk (see `sync_partial`).
             let mut m = Meta {
                 size,
                 ..Meta::default()
             };
-            self.put_meta(h, None, &mut m, sled::Batch::default())?;
+            self.put_meta_lazy(h, None, &mut m, sled::Batch::default())?;
         }
         let p = Arc::new(Mutex::new(Partial {
             tree,
@@ -157,6 +162,7 @@ impl Store {
             syncing: Arc::default(),
             gen: 0,
             sync_asked: false,
+            fresh: old.is_none(),
         }));
         self.partials_lock().insert(*h, p.clone());
         Ok(p)
@@ -312,7 +318,7 @@ impl Store {
         let _one = syncing.lock().unwrap_or_else(|e| e.into_inner());
         let what = || format!("cannot sync blob {h}");
         // What is written now is what this sync makes durable.
-        let (gen, present, dirty, data, ob) = {
+        let (gen, present, dirty, data, ob, fresh) = {
             let mut g = p.lock().unwrap_or_else(|e| e.into_inner());
             g.sync_asked = false;
             if g.dirty == 0 && !g.present.is_full() {
@@ -320,14 +326,21 @@ impl Store {
             }
             let files = (g.data.try_clone().ctx(what)?, g.ob.try_clone().ctx(what)?);
             let dirty = std::mem::take(&mut g.dirty);
-            (g.gen, g.present.clone(), dirty, files.0, files.1)
+            (g.gen, g.present.clone(), dirty, files.0, files.1, g.fresh)
         };
         let synced = data.sync_data().and_then(|()| ob.sync_data());
+        // New files' names, too, before the index lists any of their groups.
+        let named = match synced {
+            Ok(()) if fresh => self.sync_blobs_dir(),
+            Ok(()) => Ok(()),
+            Err(e) => Err(e).ctx(what),
+        };
         let mut g = p.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = synced {
+        if let Err(e) = named {
             g.dirty += dirty;
-            return Err(e).ctx(what);
+            return Err(e);
         }
+        g.fresh = false;
         if g.gen != gen {
             // Groups were dropped meanwhile; the next sync records the smaller set.
             g.dirty += dirty.max(1);
@@ -351,13 +364,17 @@ impl Store {
             m.present = present_bytes(&g.tree, &present);
             b.insert(&key(TAG_PRESENT, h)[..], present.to_bytes());
         }
-        self.put_meta(h, Some(&old), &mut m, b)?;
+        self.put_meta_lazy(h, Some(&old), &mut m, b)?;
+        drop(_w);
+        drop(g);
+        // Durable before this returns. The flush runs without the locks, so that the syncs of
+        // other blobs share it instead of queueing behind it (the bytes it records are on disk
+        // already: a crash before it only forgets them).
+        self.db.flush().map_err(|e| self.db_err(e))?;
         if !present.is_full() {
             return Ok(());
         }
         tracing::info!(hash = %h, size = m.size, "blob complete");
-        drop(_w);
-        drop(g);
         self.partials_lock().remove(h);
         self.completed(*h);
         self.gc()?;
