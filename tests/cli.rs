@@ -1,6 +1,7 @@
 //! The CLI against real files: b3sum agreement, round trips, tampering and errors.
 
 use std::fs;
+use std::time::Duration;
 
 use crate::util::*;
 
@@ -129,7 +130,11 @@ fn errors_are_one_plain_line() {
     );
     one_line(&err);
     drop(held);
-    ok(swarmfs(d, &["ls"]));
+    // Released with the store, though a child that another test forks at that moment holds
+    // the lock's descriptor until its exec closes it: a moment, longer under load.
+    assert!(eventually(Duration::from_secs(5), || run(swarmfs(d, &["ls"]))
+        .status
+        .success()));
 }
 
 #[test]
