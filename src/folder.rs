@@ -507,7 +507,8 @@ pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
 }
 
 /// Where manifests come from: the store, fetching from peers if need be. `get` returns the
-/// whole blob, verified; it refuses a blob larger than `PART_BYTES` without fetching it.
+/// whole blob, verified; a blob larger than `PART_BYTES` is `NotAFolder`, found without
+/// fetching it.
 pub trait ManifestSource {
     fn get(&self, h: &Hash) -> Result<Vec<u8>, FolderError>;
 
@@ -548,12 +549,19 @@ impl<'a, S: ManifestSource + ?Sized> Reader<'a, S> {
         let m = match self.src.cached(h) {
             Some(m) => m,
             None => {
-                let bytes = self.src.get(h)?;
+                // A blob that is not a manifest is a file: asked for as a folder, at the root
+                // that is the caller's mistake; named as a folder by a parent, a lie.
+                let child = expect.part.is_some() || expect.total.is_some();
+                let not_a_folder = || match child {
+                    true => bad(h, "a folder entry names a blob that is not a manifest"),
+                    false => FolderError::NotAFolder(*h),
+                };
+                let bytes = match self.src.get(h) {
+                    Err(FolderError::NotAFolder(_)) => return Err(not_a_folder()),
+                    r => r?,
+                };
                 if !looks_like_manifest(&bytes) {
-                    if expect.part.is_none() && expect.total.is_none() {
-                        return Err(FolderError::NotAFolder(*h));
-                    }
-                    return Err(bad(h, "a folder entry names a blob that is not a manifest"));
+                    return Err(not_a_folder());
                 }
                 let m = Arc::new(parse(&bytes).map_err(|why| bad(h, why))?);
                 self.src.cache(*h, m.clone());
@@ -732,10 +740,14 @@ mod tests {
 
     impl ManifestSource for Mem {
         fn get(&self, h: &Hash) -> Result<Vec<u8>, FolderError> {
-            self.0.get(h).cloned().ok_or(FolderError::Unavailable {
-                hash: *h,
-                why: "not here".into(),
-            })
+            match self.0.get(h) {
+                Some(b) if b.len() > PART_BYTES => Err(FolderError::NotAFolder(*h)),
+                Some(b) => Ok(b.clone()),
+                None => Err(FolderError::Unavailable {
+                    hash: *h,
+                    why: "not here".into(),
+                }),
+            }
         }
     }
 
@@ -867,11 +879,19 @@ mod tests {
         let ok = mem.put(build(vec![Entry::symlink(b"up", b"../x")]).unwrap());
         let root = mem.put(build(vec![Entry::folder(b"d", 0, ok)]).unwrap());
         r_walk(&mem, &root).unwrap();
-        // A blob that is not a manifest at the root is a file, not an attack.
+        // A blob that is not a manifest at the root is a file, not an attack; named as a
+        // folder by a parent, it is a lie, whether or not it could be a manifest by size.
         assert!(matches!(
             Reader::new(&mem).list(&f, None),
             Err(FolderError::NotAFolder(_))
         ));
+        let huge = mem.raw(vec![7; PART_BYTES + 1]);
+        assert!(matches!(
+            Reader::new(&mem).list(&huge, None),
+            Err(FolderError::NotAFolder(_))
+        ));
+        let root = mem.put(build(vec![Entry::folder(b"sub", 0, huge)]).unwrap());
+        assert!(r_walk(&mem, &root).unwrap_err().is_hostile());
     }
 
     fn r_walk(mem: &Mem, h: &Hash) -> Result<(), FolderError> {

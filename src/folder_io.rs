@@ -107,10 +107,7 @@ impl ManifestSource for Manifests<'_> {
                     n.rt.block_on(f.size(*h, n.lookup_timeout))
                         .ok_or_else(|| unavailable(GetError::NoProviders(*h).to_string()))?;
                 if size > folder::PART_BYTES as u64 {
-                    return Err(FolderError::Malformed {
-                        hash: *h,
-                        why: format!("{size} bytes, more than a manifest can be"),
-                    });
+                    return Err(FolderError::NotAFolder(*h));
                 }
                 n.rt.block_on(f.fill(*h, size, n.read_timeout, &mut || {}))
                     .map_err(|e| unavailable(e.to_string()))?;
@@ -119,7 +116,6 @@ impl ManifestSource for Manifests<'_> {
             }
         };
         if size > folder::PART_BYTES as u64 {
-            // A big file asked for as a folder: not a manifest, whatever it starts with.
             return Err(FolderError::NotAFolder(*h));
         }
         let mut r = self.store.reader(h).map_err(|e| unavailable(e.to_string()))?;

@@ -419,3 +419,20 @@ fn a_file_whose_size_its_folder_misstates_is_refused_in_the_mount() {
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
     assert_banned_a_peer(&db);
 }
+
+#[test]
+fn ls_of_a_remote_file_too_big_to_be_a_manifest_says_so_and_bans_nobody() {
+    let root = tempfile::tempdir().unwrap();
+    let (a_data, a_mnt) = (root.path().join("a-data"), root.path().join("a-mnt"));
+    let _da = Daemon::start(&a_data, &a_mnt, &[]);
+    let big = root.path().join("big");
+    random_file(&big, 2);
+    let h = add_file(&a_data, &big);
+    let (b_data, b_mnt) = (root.path().join("b-data"), root.path().join("b-mnt"));
+    let db = Daemon::start(&b_data, &b_mnt, &["--bootstrap", &addr_of(&a_data)]);
+    let e = fails(swarmfs(&b_data, &["ls", &h]));
+    assert!(e.contains("is not a folder"), "{e}");
+    // A did nothing wrong: it is still there to read the file from.
+    assert!(!db.log_text().contains("banned"), "{}", db.log_text());
+    assert_eq!(b3(&b_mnt.join(&h)), h);
+}

@@ -1207,10 +1207,7 @@ impl ManifestSource for Manifests<'_> {
                 .ok_or_else(|| unavailable("no peer has it"))?,
         };
         if size > folder::PART_BYTES as u64 {
-            return Err(FolderError::Malformed {
-                hash: *h,
-                why: format!("{size} bytes, more than a manifest can be"),
-            });
+            return Err(FolderError::NotAFolder(*h));
         }
         let groups = crate::tree::Tree::new(size).groups();
         let missing = fs
