@@ -64,27 +64,27 @@ pub fn add_dir(
             skip(&show, "only files, folders and symlinks are shared");
         }
     }
-    let (h, total, _) =
-        publish(store, entries, true).with_context(|| format!("cannot add folder {}", real.display()))?;
-    Ok((h, total))
+    publish(store, entries, true).with_context(|| format!("cannot add folder {}", real.display()))
 }
 
 /// Stores the manifests of a folder with `entries` (pinned if `pin`), each announced as it is
-/// stored; returns the folder's hash, the bytes of files beneath, and every manifest's hash.
-pub fn publish(store: &Store, entries: Vec<Entry>, pin: bool) -> Result<(Hash, u64, Vec<Hash>)> {
+/// stored; returns the folder's hash and the bytes of files beneath.
+pub fn publish(store: &Store, entries: Vec<Entry>, pin: bool) -> Result<(Hash, u64)> {
     let built = folder::build(entries).map_err(|why| anyhow::anyhow!("{why}"))?;
+    store_manifests(store, &built, pin)?;
+    Ok((built.hash, built.total))
+}
+
+/// Stores (and so announces) the manifests of a built folder that are not whole here yet;
+/// with `pin`, pins every one.
+pub fn store_manifests(store: &Store, built: &folder::Built, pin: bool) -> crate::store::Result<()> {
     for (h, bytes) in &built.blobs {
-        let have = store.info(h)?.is_some_and(|i| i.complete);
-        if !have || pin {
+        if pin || !store.info(h)?.is_some_and(|i| i.complete) {
             let (got, _) = store.import_reader(&bytes[..], pin)?;
             debug_assert_eq!(got, *h);
         }
     }
-    Ok((
-        built.hash,
-        built.total,
-        built.blobs.into_iter().map(|(h, _)| h).collect(),
-    ))
+    Ok(())
 }
 
 /// The whole of blob `h` from the store, fetched first if it is not whole here and `net` is
@@ -150,21 +150,13 @@ pub fn is_folder(store: &Store, net: Option<&NetCtx>, h: &Hash) -> Result<bool> 
     if info.size > folder::PART_BYTES as u64 || info.size < folder::MAGIC.len() as u64 {
         return Ok(false);
     }
-    let mut r = store.reader(h)?;
-    match r.read_at(0, folder::MAGIC.len()) {
-        Ok(head) => Ok(folder::looks_like_manifest(&head)),
-        Err(_) if net.is_some() => {
-            let n = net.expect("checked");
-            n.rt.block_on(
-                n.fetcher
-                    .ensure(*h, 0..1, tokio::time::Instant::now() + n.read_timeout, true),
-            )?;
-            Ok(folder::looks_like_manifest(
-                &store.reader(h)?.read_at(0, folder::MAGIC.len())?,
-            ))
-        }
-        Err(e) => Err(e.into()),
+    if let Some(n) = net {
+        // The size check fetched the first group, but a blob cached earlier may lack it.
+        let deadline = tokio::time::Instant::now() + n.read_timeout;
+        n.rt.block_on(n.fetcher.ensure(*h, 0..1, deadline, true))?;
     }
+    let head = store.reader(h)?.read_at(0, folder::MAGIC.len())?;
+    Ok(folder::looks_like_manifest(&head))
 }
 
 /// `swarmfs ls HASH`: the entries of a folder.

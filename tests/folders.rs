@@ -436,3 +436,43 @@ fn ls_of_a_remote_file_too_big_to_be_a_manifest_says_so_and_bans_nobody() {
     assert!(!db.log_text().contains("banned"), "{}", db.log_text());
     assert_eq!(b3(&b_mnt.join(&h)), h);
 }
+
+#[test]
+fn a_symlink_climbing_out_of_the_folder_read_is_refused_without_a_ban() {
+    let root = tempfile::tempdir().unwrap();
+    let (a_data, a_mnt) = (root.path().join("a-data"), root.path().join("a-mnt"));
+    let _da = Daemon::start(&a_data, &a_mnt, &[]);
+    let link = |name: &[u8], target: &[u8]| {
+        raw::entry(
+            raw::SYMLINK,
+            false,
+            target.len() as u64,
+            &hash_bytes(root.path(), target),
+            name,
+            Some(target),
+        )
+    };
+    // d/up -> ../x stays inside; d/out -> ../../x climbs out of the folder.
+    let sub = raw::manifest(&[link(b"out", b"../../x"), link(b"up", b"../x")]);
+    let sub_h = add_file(&a_data, &write_file(root.path(), "sub", &sub));
+    let top = raw::manifest(&[raw::entry(raw::FOLDER, false, 0, &sub_h, b"d", None)]);
+    let h = add_file(&a_data, &write_file(root.path(), "top", &top));
+    let (b_data, b_mnt) = (root.path().join("b-data"), root.path().join("b-mnt"));
+    let db = Daemon::start(&b_data, &b_mnt, &["--bootstrap", &addr_of(&a_data)]);
+    let d = b_mnt.join(&h).join("d");
+    assert_eq!(
+        sh(&format!("ls {}", d.display()))
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["out", "up"]
+    );
+    assert_eq!(fs::read_link(d.join("up")).unwrap(), PathBuf::from("../x"));
+    let e = fs::read_link(d.join("out")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let target = root.path().join("target");
+    let err = fails(swarmfs(&b_data, &["get", &h, "-o", target.to_str().unwrap()]));
+    assert!(err.contains("climbs out"), "{err}");
+    assert!(!target.exists(), "get wrote before it refused");
+    // The same manifest is sound read from elsewhere: nobody is banned for it.
+    assert!(!db.log_text().contains("banned"), "{}", db.log_text());
+}

@@ -943,7 +943,17 @@ impl Inner {
                 .find(&h, total, name.as_bytes())
                 .map_err(|e| self.folder_error(e))?
                 .ok_or(Errno::ENOENT)?;
-            let ino = self.tree_ino(parent, e, depth, h)?;
+            if e.kind == EntryKind::Symlink && !folder::stays_inside(&e.target, depth) {
+                // Listed, but refused when looked up.
+                tracing::warn!(
+                    folder = %h,
+                    "refused: symlink {:?} -> {:?} climbs out of the folder",
+                    String::from_utf8_lossy(&e.name),
+                    String::from_utf8_lossy(&e.target)
+                );
+                return Err(Errno::EIO);
+            }
+            let ino = self.tree_ino(parent, e, depth, h);
             let n = self.tree_node(ino).ok_or(Errno::ENOENT)?;
             return Ok((self.tree_attr(ino, &n)?, HASH_TTL));
         }
@@ -1005,12 +1015,9 @@ impl Inner {
             tracing::error!(ino, "cannot make the folder's manifest: {why}");
             Errno::EIO
         })?;
+        // Held from before they are stored until their folder holds them.
         let _held: Vec<_> = built.blobs.iter().map(|(h, _)| self.store.hold_guard(*h)).collect();
-        for (h, bytes) in &built.blobs {
-            if !self.store.info(h).map_err(store_errno)?.is_some_and(|i| i.complete) {
-                self.store.import_reader(&bytes[..], false).map_err(store_errno)?;
-            }
-        }
+        crate::folder_io::store_manifests(&self.store, &built, false).map_err(store_errno)?;
         let hashes: Vec<Hash> = built.blobs.iter().map(|(h, _)| *h).collect();
         if self.node(ino)?.manifests != hashes {
             self.names.update(ino, |n| n.manifests = hashes)?;
@@ -1047,21 +1054,12 @@ impl Inner {
     }
 
     /// The inode of entry `e` of the published folder at inode `parent`, handed out on first
-    /// use. A symlink that climbs out of the `DIR/<hash>` it was reached from is refused.
-    fn tree_ino(&self, parent: u64, e: Entry, depth: usize, from: Hash) -> Result<u64, Errno> {
-        if e.kind == EntryKind::Symlink && !folder::stays_inside(&e.target, depth) {
-            tracing::warn!(
-                folder = %from,
-                "refused: symlink {:?} -> {:?} climbs out of the folder",
-                String::from_utf8_lossy(&e.name),
-                String::from_utf8_lossy(&e.target)
-            );
-            return Err(Errno::EIO);
-        }
+    /// use.
+    fn tree_ino(&self, parent: u64, e: Entry, depth: usize, from: Hash) -> u64 {
         let mut t = lock(&self.tree_inos);
         let key = (parent, e.name.clone());
         if let Some(&ino) = t.by_key.get(&key) {
-            return Ok(ino);
+            return ino;
         }
         let ino = TREE_INO_BASE + t.nodes.len() as u64;
         t.by_key.insert(key, ino);
@@ -1074,7 +1072,7 @@ impl Inner {
                 from,
             }),
         );
-        Ok(ino)
+        ino
     }
 
     /// Attributes of an entry inside a published folder, all from its manifest: listing
@@ -1160,9 +1158,7 @@ impl Inner {
                 EntryKind::Symlink => FileType::Symlink,
             };
             let name = e.name.clone();
-            // A symlink that climbs out is listed, and refused when looked up.
-            let cino = self.tree_ino(ino, e, depth, h).unwrap_or(ino);
-            out.push((cino, kind, name));
+            out.push((self.tree_ino(ino, e, depth, h), kind, name));
         }
         Ok(out)
     }
