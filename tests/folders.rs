@@ -476,3 +476,27 @@ fn a_symlink_climbing_out_of_the_folder_read_is_refused_without_a_ban() {
     // The same manifest is sound read from elsewhere: nobody is banned for it.
     assert!(!db.log_text().contains("banned"), "{}", db.log_text());
 }
+
+#[test]
+fn a_folders_manifests_are_held_by_the_folder_against_gc_until_it_changes() {
+    let root = tempfile::tempdir().unwrap();
+    let src = root.path().join("tree");
+    small_tree(&src);
+    let (data, mnt) = (root.path().join("data"), root.path().join("mnt"));
+    let _d = Daemon::start(&data, &mnt, &[]);
+    sh(&format!("cp -a {} {}/photos", src.display(), mnt.display()));
+    let h = xattr_hash(&mnt.join("photos"));
+    let held = |h: &str| {
+        let ls: serde_json::Value = serde_json::from_str(&ok(swarmfs(&data, &["ls", "--json"]))).unwrap();
+        ls.as_array().unwrap().iter().any(|b| b["hash"] == h)
+    };
+    // A cap of one byte: gc evicts everything it may.
+    ok(swarmfs(&data, &["--cache-size", "1", "gc"]));
+    assert!(held(&h), "gc evicted the manifest of a folder in the mount");
+    // Changed and asked again, the folder holds its new manifest and lets the old one go.
+    fs::write(mnt.join("photos/new"), "x").unwrap();
+    let h2 = xattr_hash(&mnt.join("photos"));
+    ok(swarmfs(&data, &["--cache-size", "1", "gc"]));
+    assert!(held(&h2));
+    assert!(!held(&h), "the old manifest is still held");
+}
