@@ -3,6 +3,7 @@
 //! Every command opens the store directly (there is no daemon yet). Output for people goes to
 //! stdout; errors are one line on stderr; `--json` gives machine-readable output.
 
+use std::ffi::OsString;
 use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
+use crate::api::{human, Added, Api, ApiError, ErrorKind};
 use crate::hash::Hash;
 use crate::store::{self, Store, StoreError};
 use crate::ticket::Ticket;
@@ -170,6 +172,17 @@ pub enum Command {
         #[command(flatten)]
         opts: DaemonArgs,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    #[command(
+        after_help = "Example:\n  swarmfs completions bash > /etc/bash_completion.d/swarmfs\n  swarmfs completions zsh > \"${fpath[1]}/_swarmfs\""
+    )]
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff)
+    #[command(after_help = "Example:\n  swarmfs man > /usr/local/share/man/man1/swarmfs.1 && man swarmfs")]
+    Man,
     /// Re-hash local data, report corrupt blocks and drop them; exits 1 if any were corrupt
     #[command(after_help = "Example:\n  swarmfs verify            (every blob)\n  swarmfs verify 1f0e...9a3c")]
     Verify {
@@ -228,6 +241,13 @@ pub struct DaemonArgs {
     /// and owner. A daemon not run as root needs `user_allow_other` in /etc/fuse.conf.
     #[arg(long)]
     pub allow_other: bool,
+    /// Serve the HTTP gateway, JSON API, dashboard and metrics here. Off loopback, everything
+    /// but GET /blob needs the token in DATA_DIR/api.token
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:4702")]
+    pub http: std::net::SocketAddr,
+    /// Do not serve HTTP
+    #[arg(long, conflicts_with = "http")]
+    pub no_http: bool,
     /// Tests only: flip a bit in every blob this node serves
     #[arg(long, hide = true)]
     pub test_corrupt_responses: bool,
@@ -254,16 +274,7 @@ pub struct NetArgs {
     pub no_mdns: bool,
 }
 
-/// The node, for commands that use the network.
-#[derive(Clone)]
-pub struct NetCtx {
-    pub fetcher: Arc<crate::fetch::Fetcher>,
-    /// The daemon's mount point, if it has one (for `open`).
-    pub mount: Option<PathBuf>,
-    pub rt: tokio::runtime::Handle,
-    pub lookup_timeout: std::time::Duration,
-    pub read_timeout: std::time::Duration,
-}
+pub use crate::api::NetCtx;
 
 /// `DATA_DIR/config.json`: settings kept with the data.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -319,10 +330,14 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is not a size; try 500M or 20G"))
 }
 
-/// Sends tracing output to stderr, filtered by `RUST_LOG` (default: warnings).
-pub fn init_logging() {
+/// Sends tracing output to stderr, filtered by `RUST_LOG`. The default: for the daemon, our
+/// own lines at info (peers coming and going, finished transfers) and other crates' warnings;
+/// for other commands, warnings.
+pub fn init_logging(cli: &Cli) {
+    let daemon = matches!(cli.command, Command::Mount { .. } | Command::Daemon { .. });
+    let default = if daemon { "warn,swarmfs=info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
@@ -343,33 +358,8 @@ fn parse_hash(s: &str) -> Result<Hash> {
     Ok(s.parse::<Hash>()?)
 }
 
-/// A hash, or a ticket (which holds one, and peers that had it).
 fn parse_target(s: &str) -> Result<(Hash, Option<Ticket>)> {
-    if s.trim_start().starts_with(crate::ticket::PREFIX) {
-        let t = Ticket::decode(s)?;
-        return Ok((t.hash, Some(t)));
-    }
-    Ok((parse_hash(s)?, None))
-}
-
-/// Dials the peers in `t` (each at most `timeout`) and tells the fetcher they hold its
-/// blob. Returns the peers that connected.
-fn introduce(n: &NetCtx, t: &Ticket, timeout: std::time::Duration) -> Vec<libp2p::PeerId> {
-    let net = n.fetcher.net();
-    let tries = t
-        .dial_addrs()
-        .into_iter()
-        .map(|(p, addrs)| async move { (p, net.dial_wait(p, addrs, timeout).await) });
-    let reached: Vec<_> =
-        n.rt.block_on(futures::future::join_all(tries))
-            .into_iter()
-            .filter(|(_, ok)| *ok)
-            .map(|(p, _)| p)
-            .collect();
-    // Joining the blob's swarm starts tasks on the node's runtime.
-    let _rt = n.rt.enter();
-    n.fetcher.remember(t.hash, &reached);
-    reached
+    Ok(crate::api::parse_target(s)?)
 }
 
 /// The hash that `swarmfs share` shares: a hash as given, a file or folder in the mount by its
@@ -439,6 +429,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             listen.retain(|a| !quic(a));
         }
         crate::daemon::run(crate::daemon::DaemonOptions {
+            http: if opts.no_http { None } else { Some(opts.http) },
+            control: std::sync::Arc::new(run_args),
             data_dir: dir.clone(),
             mount,
             cache_size: cli.cache_size,
@@ -468,6 +460,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Mount { dir: m, opts } => return daemon(Some(m.clone()), opts),
         Command::Daemon { mount, opts } => return daemon(mount.clone(), opts),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(*shell, &mut Cli::command(), "swarmfs", &mut io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut io::stdout())?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::SwarmKey {
             action: SwarmKeyAction::New,
         } => {
@@ -532,32 +534,62 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         _ => None,
     };
+    let api = Api::new(store, net);
     // Plain files on fds 1 and 2 (dups): big writes without line buffering, and Send.
     let mut out =
         io::BufWriter::with_capacity(1 << 16, std::fs::File::from(io::stdout().as_fd().try_clone_to_owned()?));
     let mut err = std::fs::File::from(io::stderr().as_fd().try_clone_to_owned()?);
-    let code = execute(&store, &cli, &mut out, &mut err, net.as_ref());
+    let code = finish(execute(&api, &cli, &mut out, &mut err), &mut err);
     match out.flush() {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(e.into()),
         _ => {}
     }
-    Ok(ExitCode::from(code?))
+    Ok(ExitCode::from(code))
+}
+
+/// The exit code of a command's result; an error is written to `err` as one line.
+fn finish(r: Result<u8>, err: &mut dyn Write) -> u8 {
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = writeln!(err, "swarmfs: {e:#}");
+            ApiError::from(e).exit_code()
+        }
+    }
+}
+
+/// Runs a command line inside the daemon (the control socket's requests): parses it, runs it
+/// on `api`, and returns the exit code. A bad command line gets clap's message and 2.
+pub fn run_args(api: &Api, args: Vec<OsString>, out: &mut (dyn Write + Send), err: &mut dyn Write) -> u8 {
+    match Cli::try_parse_from(std::iter::once(OsString::from("swarmfs")).chain(args)) {
+        Ok(cli) => finish(execute(api, &cli, out, err), err),
+        Err(e) => {
+            let _ = write!(err, "{}", e.render());
+            2
+        }
+    }
 }
 
 /// The command line to send to the daemon: the same command, with paths made absolute.
-fn forward_args(cli: &Cli) -> Result<Vec<String>> {
-    let mut a = Vec::new();
+fn forward_args(cli: &Cli) -> Result<Vec<OsString>> {
+    let mut a: Vec<OsString> = Vec::new();
+    // Paths travel as bytes: a name that is not UTF-8 reaches the daemon as it is.
+    let joined = |flag: &str, p: &Path| -> OsString {
+        let mut o = OsString::from(flag);
+        o.push(p.as_os_str());
+        o
+    };
     if cli.json {
-        a.push("--json".to_string());
+        a.push("--json".into());
     }
     if io::stderr().is_terminal() {
-        a.push("--progress".to_string());
+        a.push("--progress".into());
     }
     if let Some(c) = cli.cache_size {
-        a.push(format!("--cache-size={c}"));
+        a.push(format!("--cache-size={c}").into());
     }
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
-    a.push(format!("--cwd={}", cwd.display()));
+    a.push(joined("--cwd=", &cwd));
     match &cli.command {
         Command::Add { paths, recursive } => {
             a.push("add".into());
@@ -565,26 +597,26 @@ fn forward_args(cli: &Cli) -> Result<Vec<String>> {
                 a.push("-r".into());
             }
             a.push("--".into());
-            a.extend(paths.iter().map(|p| p.to_string_lossy().into_owned()));
+            a.extend(paths.iter().map(|p| p.as_os_str().to_owned()));
         }
-        Command::Cat { hash } => a.extend(["cat".into(), "--".into(), hash.clone()]),
+        Command::Cat { hash } => a.extend(["cat".into(), "--".into(), hash.into()]),
         Command::Get { hash, out, .. } => {
             a.push("get".into());
             if let Some(o) = out {
-                a.push(format!("--out={}", cwd.join(o).display()));
+                a.push(joined("--out=", &cwd.join(o)));
             }
-            a.extend(["--".into(), hash.clone()]);
+            a.extend(["--".into(), hash.into()]);
         }
-        Command::Providers { hash, .. } => a.extend(["providers".into(), "--".into(), hash.clone()]),
+        Command::Providers { hash, .. } => a.extend(["providers".into(), "--".into(), hash.into()]),
         Command::Peers => a.push("peers".into()),
-        Command::Connect { addr } => a.extend(["connect".into(), "--".into(), addr.clone()]),
-        Command::Share { target } => a.extend(["share".into(), "--".into(), target.clone()]),
-        Command::Open { ticket } => a.extend(["open".into(), "--".into(), ticket.clone()]),
+        Command::Connect { addr } => a.extend(["connect".into(), "--".into(), addr.into()]),
+        Command::Share { target } => a.extend(["share".into(), "--".into(), target.into()]),
+        Command::Open { ticket } => a.extend(["open".into(), "--".into(), ticket.into()]),
         Command::Status => a.push("status".into()),
         Command::Ls { hash, .. } => {
             a.push("ls".into());
             if let Some(h) = hash {
-                a.extend(["--".into(), h.clone()]);
+                a.extend(["--".into(), h.into()]);
             }
         }
         Command::Gc => a.push("gc".into()),
@@ -598,9 +630,13 @@ fn forward_args(cli: &Cli) -> Result<Vec<String>> {
                 .into(),
             );
             a.push("--".into());
-            a.extend(hashes.iter().cloned());
+            a.extend(hashes.iter().map(OsString::from));
         }
-        Command::Mount { .. } | Command::Daemon { .. } | Command::SwarmKey { .. } => unreachable!("handled before"),
+        Command::Mount { .. }
+        | Command::Daemon { .. }
+        | Command::SwarmKey { .. }
+        | Command::Completions { .. }
+        | Command::Man => unreachable!("handled before"),
     }
     Ok(a)
 }
@@ -620,34 +656,30 @@ fn hashes(cmd: &Command) -> Result<Vec<Hash>> {
     }
 }
 
-/// Runs a store command with output to `out` and per-item errors to `err`; the offline CLI
-/// and the daemon's control socket both call this. Returns the exit code.
-pub fn execute(
-    store: &Store,
-    cli: &Cli,
-    out: &mut (dyn Write + Send),
-    err: &mut dyn Write,
-    net: Option<&NetCtx>,
-) -> Result<u8> {
+/// Writes `v` as pretty JSON and a newline: the same fields the HTTP API gives.
+fn json_out(out: &mut dyn Write, v: &impl Serialize) -> Result<()> {
+    serde_json::to_writer_pretty(&mut *out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Runs a command on the API with output to `out` and per-item errors to `err`; the offline
+/// CLI and the daemon's control socket both call this. Returns the exit code.
+pub fn execute(api: &Api, cli: &Cli, out: &mut (dyn Write + Send), err: &mut dyn Write) -> Result<u8> {
+    let store = api.store();
+    let net = api.net();
     let hashes = hashes(&cli.command)?;
     if let Some(c) = cli.cache_size {
-        store.set_cache_size(c)?;
+        api.set_cache_size(c)?;
     }
     // A ticket's peers are dialed first, and asked before any others.
-    if let (
-        Command::Cat { hash: t }
-        | Command::Get { hash: t, .. }
-        | Command::Providers { hash: t, .. }
-        | Command::Ls { hash: Some(t), .. },
-        Some(n),
-    ) = (&cli.command, net)
-    {
+    if let Command::Cat { hash: t } | Command::Get { hash: t, .. } | Command::Ls { hash: Some(t), .. } = &cli.command {
         if let (_, Some(ticket)) = parse_target(t)? {
-            introduce(n, &ticket, n.lookup_timeout);
+            api.introduce(&ticket);
         }
     }
     match &cli.command {
-        Command::Add { paths, recursive } => add(store, paths, *recursive, cli.cwd.as_deref(), cli.json, out, err),
+        Command::Add { paths, recursive } => add(api, paths, *recursive, cli.cwd.as_deref(), cli.json, out, err),
         Command::Share { target } => {
             let n = net.context(
                 "no daemon is running for this data directory; a ticket carries the daemon's addresses: start one with `swarmfs mount DIR`",
@@ -661,18 +693,22 @@ pub fn execute(
                 hash: h,
                 peers: vec![(info.peer_id.parse()?, ticket_addrs(&info))],
             };
-            writeln!(out, "{}", t.encode())?;
+            if cli.json {
+                json_out(out, &serde_json::json!({ "hash": h, "ticket": t.encode() }))?;
+            } else {
+                writeln!(out, "{}", t.encode())?;
+            }
             Ok(0)
         }
         Command::Open { ticket } => {
-            let n = net.context("no daemon is running for this data directory; start one with `swarmfs mount DIR`")?;
+            let n = api.node()?;
             let mount = n
                 .mount
                 .as_ref()
                 .context("the daemon has no mount; start it with `swarmfs mount DIR`")?;
             let (h, t) = parse_target(ticket)?;
             if let Some(t) = &t {
-                if introduce(n, t, n.lookup_timeout).is_empty() && !t.peers.is_empty() {
+                if api.introduce(t).is_empty() && !t.peers.is_empty() {
                     writeln!(
                         err,
                         "swarmfs: no peer in the ticket answered; looking {h} up on the network"
@@ -685,10 +721,14 @@ pub fn execute(
                     n.lookup_timeout.as_secs()
                 );
             }
-            writeln!(out, "{}", mount.join(h.to_string()).display())?;
+            let path = mount.join(h.to_string());
+            if cli.json {
+                json_out(out, &serde_json::json!({ "hash": h, "path": path.to_string_lossy() }))?;
+            } else {
+                writeln!(out, "{}", path.display())?;
+            }
             Ok(0)
         }
-
         Command::Cat { .. } => {
             let complete = store.info(&hashes[0])?.is_some_and(|i| i.complete);
             if let Some(n) = net.filter(|_| !complete) {
@@ -704,238 +744,260 @@ pub fn execute(
                     .with_context(|| format!("{} is a folder: say where to put it with -o DIR", hashes[0]))?;
                 return crate::folder_io::get(store, n, hashes[0], dir, cli.progress, err);
             }
+            let started = std::time::Instant::now();
             crate::fetch::fetch_all(n, store, hashes[0], cli.progress, err)?;
             match path {
                 Some(p) => {
                     let mut f = std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?;
-                    store.cat(&hashes[0], &mut f)?;
+                    let size = store.cat(&hashes[0], &mut f)?;
                     // A regular file is made durable; /dev/null and friends cannot be.
                     if f.metadata()?.is_file() {
                         f.sync_all()?;
+                    }
+                    let secs = started.elapsed().as_secs_f64();
+                    if cli.json {
+                        json_out(
+                            out,
+                            &serde_json::json!({ "hash": hashes[0], "size": size, "path": p.to_string_lossy(), "seconds": secs }),
+                        )?;
+                    } else if cli.progress {
+                        writeln!(
+                            err,
+                            "swarmfs: {} ({}) in {secs:.1} s, {}/s",
+                            p.display(),
+                            human(size),
+                            human((size as f64 / secs.max(0.001)) as u64)
+                        )?;
                     }
                     Ok(0)
                 }
                 None => cat(store, &hashes[0], out),
             }
         }
-        Command::Providers { .. } => {
-            let n = net.context("no node to ask")?;
-            let h = hashes[0];
-            let net = n.fetcher.net();
-            let found = n.rt.block_on(net.all_providers(h, n.lookup_timeout));
-            // Ask each what it holds, all at once.
-            let held =
-                n.rt.block_on(futures::future::join_all(found.iter().map(|p| net.holding(*p, h))));
-            let rows: Vec<Provider> = found
-                .iter()
-                .zip(held)
-                .map(|(p, r)| Provider {
-                    peer: p.to_string(),
-                    size: r.as_ref().ok().map(|x| x.size),
-                    bytes_held: r
-                        .as_ref()
-                        .ok()
-                        .map(|x| (x.groups_held * crate::tree::GROUP_SIZE).min(x.size)),
-                    complete: r.as_ref().ok().map(|x| x.groups_held == x.groups),
-                })
-                .collect();
+        Command::Providers { hash, .. } => {
+            let rows = api.providers(hash)?;
             if cli.json {
-                serde_json::to_writer_pretty(&mut *out, &rows)?;
-                writeln!(out)?;
+                json_out(out, &rows)?;
             } else {
                 for r in &rows {
                     match (r.size, r.bytes_held) {
                         (Some(size), Some(held)) => writeln!(
                             out,
-                            "{}  {:5.1}%  {} of {} bytes",
+                            "{}  {:5.1}%  {} of {}",
                             r.peer,
                             100.0 * held as f64 / size.max(1) as f64,
-                            held,
-                            size
+                            human(held),
+                            human(size)
                         )?,
                         _ => writeln!(out, "{}  (did not say what it holds)", r.peer)?,
                     }
                 }
             }
-            Ok(if found.is_empty() { 1 } else { 0 })
+            Ok(if rows.is_empty() { 1 } else { 0 })
         }
         Command::Connect { addr } => {
-            let n = net.context(
-                "no daemon is running for this data directory; start one with `swarmfs daemon` or `swarmfs mount DIR`",
-            )?;
-            let addrs: Vec<libp2p::Multiaddr> = if addr.trim_start().starts_with(crate::ticket::PREFIX) {
-                let t = Ticket::decode(addr)?;
-                t.dial_addrs().into_iter().flat_map(|(_, a)| a).collect()
-            } else {
-                vec![addr.parse().map_err(|e| {
-                    anyhow::anyhow!("{addr:?} is not a multiaddr ({e}); try /ip4/192.0.2.7/tcp/4701/p2p/12D3KooW...")
-                })?]
-            };
-            let net = n.fetcher.net();
-            let tries = addrs
-                .iter()
-                .map(|a| async move { (a, net.keep(a.clone(), n.lookup_timeout).await) });
-            let mut reached = Vec::new();
-            for (a, r) in n.rt.block_on(futures::future::join_all(tries)) {
-                match r {
-                    Ok(p) if !reached.contains(&p) => reached.push(p),
-                    Ok(_) => {}
-                    Err(e) => writeln!(err, "swarmfs: cannot connect to {a}: {e}")?,
-                }
+            let (reached, failed) = api.connect(addr)?;
+            for f in &failed {
+                writeln!(err, "swarmfs: {f}")?;
             }
-            for p in &reached {
-                writeln!(out, "{p}")?;
+            if cli.json {
+                json_out(out, &serde_json::json!({ "peers": reached, "failed": failed }))?;
+            } else {
+                for p in &reached {
+                    writeln!(out, "{p}")?;
+                }
             }
             Ok(if reached.is_empty() { 1 } else { 0 })
         }
-        Command::Peers | Command::Status => {
-            let n = net.context(
-                "no daemon is running for this data directory; start one with `swarmfs daemon` or `swarmfs mount DIR`",
-            )?;
-            let info = n.rt.block_on(n.fetcher.net().info());
-            if matches!(cli.command, Command::Peers) {
-                let peers = n.rt.block_on(n.fetcher.net().peer_details());
-                if cli.json {
-                    serde_json::to_writer_pretty(&mut *out, &peers)?;
-                    writeln!(out)?;
-                } else {
-                    for p in &peers {
-                        let rtt = p.rtt_ms.map_or("-".to_string(), |r| format!("{r:.1} ms"));
-                        let how = if p.direct { "direct" } else { "relayed" };
-                        writeln!(out, "{}  {how}  {}  {rtt}", p.peer, p.address)?;
-                    }
+        Command::Peers => {
+            let peers = api.peers()?;
+            if cli.json {
+                json_out(out, &peers)?;
+            } else {
+                for p in &peers {
+                    let rtt = p.rtt_ms.map_or("-".to_string(), |r| format!("{r:.1} ms"));
+                    let how = if p.direct { "direct" } else { "relayed" };
+                    writeln!(out, "{}  {how}  {}  {rtt}", p.peer, p.address)?;
                 }
+            }
+            Ok(0)
+        }
+        Command::Status => {
+            let status = api.status()?;
+            if cli.json {
+                json_out(out, &status)?;
+            } else {
+                render_status(&status, out)?;
+            }
+            Ok(0)
+        }
+        Command::Ls { hash: None, .. } => {
+            let list = api.blobs()?;
+            if cli.json {
+                json_out(out, &list)?;
                 return Ok(0);
             }
-            let swarms = &n.fetcher.net().swarms;
-            let status = Status {
-                cache_used: store.used(),
-                cache_size: store.cache_size(),
-                active_transfers: n.fetcher.active(),
-                net: info,
-                transfers: swarms.transfers(),
-                traffic: swarms.totals(),
-            };
+            if io::stdout().is_terminal() {
+                writeln!(out, "{:<64}  {:>10}  {:>10}  PINNED  NAME", "HASH", "SIZE", "PRESENT")?;
+            }
+            for b in list {
+                let pinned = if b.pinned { "pinned" } else { "-" };
+                let name = b.name.as_deref().unwrap_or("-");
+                writeln!(
+                    out,
+                    "{}  {:>10}  {:>10}  {pinned:<6}  {name}",
+                    b.hash,
+                    human(b.size),
+                    human(b.present)
+                )?;
+            }
+            Ok(0)
+        }
+        Command::Ls { hash: Some(_), .. } => crate::folder_io::list(store, net, &hashes[0], cli.json, out),
+        Command::Pin { .. } => {
+            api.pin(&hashes)?;
             if cli.json {
-                serde_json::to_writer_pretty(&mut *out, &status)?;
-                writeln!(out)?;
+                json_out(out, &hashes)?;
+            }
+            Ok(0)
+        }
+        Command::Unpin { .. } => {
+            let done = api.unpin(&hashes)?;
+            if cli.json {
+                json_out(out, &done)?;
             } else {
-                writeln!(out, "peer id    {}", status.net.peer_id)?;
-                for a in &status.net.listen {
-                    writeln!(out, "listening  {a}")?;
-                }
-                for a in &status.net.external {
-                    writeln!(out, "reachable  {a}")?;
-                }
-                writeln!(out, "peers      {}", status.net.peers.len())?;
-                writeln!(out, "cache      {} of {} bytes", status.cache_used, status.cache_size)?;
-                writeln!(out, "transfers  {} active", status.active_transfers)?;
-                writeln!(out, "sent       {} bytes", status.net.bytes_sent)?;
-                writeln!(out, "received   {} bytes", status.net.bytes_received)?;
-                for t in &status.transfers {
-                    writeln!(out, "blob       {}  ({} in its swarm)", t.hash, t.members)?;
-                    for p in &t.peers {
-                        let held = p.groups_held.map_or(String::new(), |g| format!("  holds {g} groups"));
+                // Unpinned, but a name in the mount still holds it: say which.
+                for u in done {
+                    if let Some(name) = u.held_by {
                         writeln!(
                             out,
-                            "  {}  down {}/s  up {}/s  received {}  sent {}{held}",
-                            p.peer,
-                            human(p.down_rate),
-                            human(p.up_rate),
-                            human(p.received),
-                            human(p.sent)
+                            "{}: unpinned; still held by the name {name:?} in the mount",
+                            u.hash
                         )?;
                     }
                 }
             }
             Ok(0)
         }
-        Command::Ls { hash: None, .. } => ls(store, cli.json, out),
-        Command::Ls { hash: Some(_), .. } => crate::folder_io::list(store, net, &hashes[0], cli.json, out),
-        Command::Pin { .. } | Command::Unpin { .. } => {
-            let pin = matches!(cli.command, Command::Pin { .. });
-            for h in &hashes {
-                store.set_pinned(h, pin)?;
-                if !pin {
-                    // Unpinned, but a name in the mount still holds it: say which.
-                    if let Some(name) = store.named(h)? {
-                        writeln!(out, "{h}: unpinned; still held by the name {name:?} in the mount")?;
-                    }
+        Command::Gc => {
+            let r = api.gc()?;
+            if cli.json {
+                json_out(out, &r.evicted)?;
+            } else {
+                for b in &r.evicted {
+                    writeln!(out, "evicted {}  {}", b.hash, human(b.present))?;
                 }
+                writeln!(out, "cache: {} of {} used", human(r.cache_used), human(r.cache_size))?;
             }
             Ok(0)
         }
-        Command::Gc => gc(store, cli.json, out),
-        Command::Verify { .. } => verify(store, hashes, cli.json, out),
-        Command::Mount { .. } | Command::Daemon { .. } | Command::SwarmKey { .. } => {
+        Command::Verify { .. } => {
+            let report = api.verify(&hashes)?;
+            if cli.json {
+                json_out(out, &report)?;
+            } else {
+                for r in &report {
+                    let h = r.hash;
+                    if let Some(e) = &r.error {
+                        writeln!(out, "{h}: cannot verify: {e}")?;
+                    } else if r.corrupt.is_empty() {
+                        writeln!(out, "{h}: OK")?;
+                    }
+                    for &g in &r.corrupt {
+                        let s = g * crate::tree::GROUP_SIZE;
+                        writeln!(out, "{h}: block {g} (bytes {s}..) CORRUPT, dropped")?;
+                    }
+                }
+            }
+            let bad = report.iter().any(|r| r.error.is_some() || !r.corrupt.is_empty());
+            Ok(bad as u8)
+        }
+        Command::Mount { .. }
+        | Command::Daemon { .. }
+        | Command::SwarmKey { .. }
+        | Command::Completions { .. }
+        | Command::Man => {
             bail!("a daemon is already running for this data directory")
         }
     }
 }
 
+/// `status` for people.
+fn render_status(status: &crate::api::Status, out: &mut dyn Write) -> Result<()> {
+    writeln!(out, "peer id    {}", status.net.peer_id)?;
+    for a in &status.net.listen {
+        writeln!(out, "listening  {a}")?;
+    }
+    for a in &status.net.external {
+        writeln!(out, "reachable  {a}")?;
+    }
+    writeln!(out, "reach      {}", status.reachability)?;
+    if let Some(m) = &status.mount {
+        writeln!(out, "mount      {}", m.display())?;
+    }
+    if let Some(h) = &status.http {
+        writeln!(out, "gateway    http://{h}/")?;
+    }
+    writeln!(out, "peers      {}", status.net.peers.len())?;
+    writeln!(
+        out,
+        "cache      {} of {} ({} pinned, {} blobs)",
+        human(status.cache_used),
+        human(status.cache_size),
+        human(status.pinned),
+        status.blobs
+    )?;
+    writeln!(out, "transfers  {} active", status.active_transfers)?;
+    writeln!(out, "sent       {}", human(status.net.bytes_sent))?;
+    writeln!(out, "received   {}", human(status.net.bytes_received))?;
+    for t in &status.transfers {
+        writeln!(out, "blob       {}  ({} in its swarm)", t.hash, t.members)?;
+        for p in &t.peers {
+            let held = p.groups_held.map_or(String::new(), |g| format!("  holds {g} groups"));
+            writeln!(
+                out,
+                "  {}  down {}/s  up {}/s  received {}  sent {}{held}",
+                p.peer,
+                human(p.down_rate),
+                human(p.up_rate),
+                human(p.received),
+                human(p.sent)
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// The line b3sum prints for a file, including its escaping of `\` and newlines in names.
-pub fn b3sum_line(h: &Hash, path: &Path) -> String {
-    let p = path.to_string_lossy();
-    if p.contains(['\\', '\n']) {
-        format!("\\{h}  {}", p.replace('\\', "\\\\").replace('\n', "\\n"))
+/// Names are bytes: a byte that is not UTF-8 is written as it is, as b3sum does.
+pub fn b3sum_line(h: &Hash, path: &Path) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = path.as_os_str().as_bytes();
+    let mut line = Vec::with_capacity(p.len() + 70);
+    if p.iter().any(|&b| b == b'\\' || b == b'\n') {
+        line.push(b'\\');
+        line.extend_from_slice(h.to_string().as_bytes());
+        line.extend_from_slice(b"  ");
+        for &b in p {
+            match b {
+                b'\\' => line.extend_from_slice(b"\\\\"),
+                b'\n' => line.extend_from_slice(b"\\n"),
+                b => line.push(b),
+            }
+        }
     } else {
-        format!("{h}  {p}")
+        line.extend_from_slice(h.to_string().as_bytes());
+        line.extend_from_slice(b"  ");
+        line.extend_from_slice(p);
     }
-}
-
-/// What `status` shows.
-#[derive(Serialize)]
-struct Status {
-    #[serde(flatten)]
-    net: crate::net::NetInfo,
-    cache_used: u64,
-    cache_size: u64,
-    active_transfers: usize,
-    /// Blobs moving now, per peer: bytes and rates each way.
-    transfers: Vec<crate::swarm::Transfer>,
-    /// Bytes moved with each peer since the start.
-    traffic: Vec<crate::swarm::PeerFlow>,
-}
-
-/// What `providers` shows per provider (unknown fields: it did not answer a swarm join).
-#[derive(Serialize)]
-struct Provider {
-    peer: String,
-    size: Option<u64>,
-    bytes_held: Option<u64>,
-    complete: Option<bool>,
-}
-
-/// A byte count for people: 1.2 GiB, 48.0 MiB, 512 B.
-fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < UNITS.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[i])
-    }
-}
-
-#[derive(Serialize)]
-struct Added {
-    hash: Hash,
-    size: u64,
-    path: PathBuf,
-    /// A folder: `hash` is its manifest's, `size` the bytes of files beneath.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    folder: bool,
+    line.push(b'\n');
+    line
 }
 
 /// Adds files (and with `recursive`, folders); relative paths are read from `cwd` when given
 /// (the client's, in the daemon) and printed as they were given.
 fn add(
-    store: &Store,
+    api: &Api,
     paths: &[PathBuf],
     recursive: bool,
     cwd: Option<&Path>,
@@ -943,16 +1005,15 @@ fn add(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<u8> {
+    let store = api.store();
     let mut failed = false;
     let mut added = Vec::new();
     let mut line = |a: Added, out: &mut dyn Write| -> Result<()> {
         if json {
             added.push(a);
-        } else if a.folder {
-            writeln!(out, "{}", b3sum_line(&a.hash, &a.path.join("")))?;
-            out.flush()?;
         } else {
-            writeln!(out, "{}", b3sum_line(&a.hash, &a.path))?;
+            let shown = if a.folder { a.path.join("") } else { a.path.clone() };
+            out.write_all(&b3sum_line(&a.hash, &shown))?;
             out.flush()?;
         }
         Ok(())
@@ -998,7 +1059,7 @@ fn add(
             }
             continue;
         }
-        match store.import_file(&real, true) {
+        match api.add_file(&real) {
             Ok((h, size)) => line(
                 Added {
                     hash: h,
@@ -1008,24 +1069,15 @@ fn add(
                 },
                 &mut *out,
             )?,
-            Err(e @ StoreError::IsDir { .. }) => {
-                writeln!(
-                    err,
-                    "swarmfs: {:#} (add a folder and what is in it with `swarmfs add -r`)",
-                    anyhow::Error::from(e)
-                )?;
-                failed = true;
-            }
-            Err(e @ StoreError::Io { .. }) => {
-                writeln!(err, "swarmfs: {:#}", anyhow::Error::from(e))?;
+            Err(e) if matches!(e.kind, ErrorKind::BadRequest | ErrorKind::Internal) => {
+                writeln!(err, "swarmfs: {e}")?;
                 failed = true;
             }
             Err(e) => return Err(e.into()),
         }
     }
     if json {
-        serde_json::to_writer_pretty(&mut *out, &added)?;
-        writeln!(out)?;
+        json_out(out, &added)?;
     }
     Ok(failed as u8)
 }
@@ -1037,89 +1089,6 @@ fn cat(store: &Store, h: &Hash, out: &mut (dyn Write + Send)) -> Result<u8> {
         Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::BrokenPipe => Ok(0),
         Err(e) => Err(e.into()),
     }
-}
-
-fn ls(store: &Store, json: bool, out: &mut dyn Write) -> Result<u8> {
-    let mut list = store.list()?;
-    for b in &mut list {
-        b.name = store.named(&b.hash)?;
-    }
-    list.sort_by_key(|b| b.hash);
-    if json {
-        serde_json::to_writer_pretty(&mut *out, &list)?;
-        writeln!(out)?;
-        return Ok(0);
-    }
-    if io::stdout().is_terminal() {
-        writeln!(out, "{:<64}  {:>14}  {:>14}  PINNED  NAME", "HASH", "SIZE", "PRESENT")?;
-    }
-    for b in list {
-        let pinned = if b.pinned { "pinned" } else { "-" };
-        let name = b.name.as_deref().unwrap_or("-");
-        writeln!(
-            out,
-            "{}  {:>14}  {:>14}  {pinned:<6}  {name}",
-            b.hash, b.size, b.present
-        )?;
-    }
-    Ok(0)
-}
-
-fn gc(store: &Store, json: bool, out: &mut dyn Write) -> Result<u8> {
-    let evicted = store.gc()?;
-    if json {
-        serde_json::to_writer_pretty(&mut *out, &evicted)?;
-        writeln!(out)?;
-    } else {
-        for b in &evicted {
-            writeln!(out, "evicted {}  {} bytes", b.hash, b.present)?;
-        }
-        writeln!(out, "cache: {} of {} bytes used", store.used(), store.cache_size())?;
-    }
-    Ok(0)
-}
-
-#[derive(Serialize)]
-struct Verified {
-    hash: Hash,
-    /// Blocks that failed, by index; each is 16 KiB at offset `16384 * index`.
-    corrupt: Vec<u64>,
-}
-
-fn verify(store: &Store, mut hashes: Vec<Hash>, json: bool, out: &mut dyn Write) -> Result<u8> {
-    if hashes.is_empty() {
-        hashes = store.list()?.into_iter().map(|b| b.hash).collect();
-    }
-    let mut report = Vec::new();
-    let mut failed = false;
-    for h in hashes {
-        // One blob that cannot be checked at all does not stop the others.
-        let corrupt = match store.verify(&h) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(hash = %h, "cannot verify: {e}");
-                writeln!(out, "{h}: cannot verify: {e}")?;
-                failed = true;
-                continue;
-            }
-        };
-        if !json {
-            if corrupt.is_empty() {
-                writeln!(out, "{h}: OK")?;
-            }
-            for &g in &corrupt {
-                let s = g * crate::tree::GROUP_SIZE;
-                writeln!(out, "{h}: block {g} (bytes {s}..) CORRUPT, dropped")?;
-            }
-        }
-        report.push(Verified { hash: h, corrupt });
-    }
-    if json {
-        serde_json::to_writer_pretty(&mut *out, &report)?;
-        writeln!(out)?;
-    }
-    let bad = failed || report.iter().any(|r| !r.corrupt.is_empty());
-    Ok(bad as u8)
 }
 
 /// The addresses a ticket gives for this node: direct ones first (confirmed ones, then every

@@ -1,8 +1,10 @@
 //! The control socket: while a daemon runs, CLI commands run inside it.
 //!
 //! `DATA_DIR/control.sock`, mode 0600. The client sends one line of JSON, the arguments of
-//! the command (paths made absolute); the daemon runs the same code the offline CLI runs and
-//! streams back frames, `[tag: u8][len: u32 LE][bytes]`:
+//! the command as byte strings (paths made absolute; a name need not be UTF-8); the daemon
+//! runs them on its `Api` with the same code the offline CLI runs (the runner it was given:
+//! this module knows nothing of the command line) and streams back frames,
+//! `[tag: u8][len: u32 LE][bytes]`:
 //!
 //! - tag 1: bytes for stdout
 //! - tag 2: bytes for stderr
@@ -16,11 +18,12 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use clap::Parser;
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{self, Cli};
-use crate::store::Store;
+use crate::api::Api;
 
 const STDOUT: u8 = 1;
 const STDERR: u8 = 2;
@@ -28,11 +31,14 @@ const EXIT: u8 = 3;
 /// Largest request line accepted.
 const MAX_REQUEST: u64 = 1 << 20;
 
-/// The request: the command line to run.
+/// The request: the command line to run, each argument as bytes.
 #[derive(Serialize, Deserialize)]
 struct Request {
-    args: Vec<String>,
+    args: Vec<Vec<u8>>,
 }
+
+/// Runs a command line on the API, writing to stdout and stderr; returns the exit code.
+pub type Runner = Arc<dyn Fn(&Api, Vec<OsString>, &mut (dyn Write + Send), &mut dyn Write) -> u8 + Send + Sync>;
 
 /// The socket's path in a data directory.
 pub fn socket_path(data_dir: &Path) -> PathBuf {
@@ -64,40 +70,51 @@ impl Write for FrameWriter {
 /// Serves the socket until the listener is closed; one thread per connection.
 pub struct Server {
     path: PathBuf,
+    /// Set when the server is dropped; the accepting thread then ends (and lets go of the API,
+    /// and so of the store).
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Server {
     /// Binds `DATA_DIR/control.sock` (replacing a stale one: the caller holds the store lock,
-    /// so no live daemon owns it) and starts serving `store`.
-    pub fn start(store: Arc<Store>, net: Option<cli::NetCtx>) -> io::Result<Server> {
-        let path = socket_path(store.dir());
+    /// so no live daemon owns it) and starts running requests on `api` with `run`.
+    pub fn start(api: Arc<Api>, run: Runner) -> io::Result<Server> {
+        let path = socket_path(api.store().dir());
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
         std::thread::Builder::new().name("control".into()).spawn(move || {
             for conn in listener.incoming() {
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
                 match conn {
                     Ok(conn) => {
-                        let (store, net) = (store.clone(), net.clone());
+                        let (api, run) = (api.clone(), run.clone());
                         let _ = std::thread::Builder::new()
                             .name("control-conn".into())
-                            .spawn(move || serve(conn, &store, net.as_ref()));
+                            .spawn(move || serve(conn, &api, &run));
                     }
                     Err(e) => tracing::warn!("control socket: {e}"),
                 }
             }
         })?;
-        Ok(Server { path })
+        Ok(Server { path, stop })
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accepting thread, which sees the flag and ends.
+        let _ = UnixStream::connect(&self.path);
         let _ = std::fs::remove_file(&self.path);
     }
 }
 
-fn serve(conn: UnixStream, store: &Store, net: Option<&cli::NetCtx>) {
+fn serve(conn: UnixStream, api: &Api, run: &Runner) {
     let res = (|| -> io::Result<()> {
         let mut line = String::new();
         BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line)?;
@@ -110,19 +127,8 @@ fn serve(conn: UnixStream, store: &Store, net: Option<&cli::NetCtx>) {
             stream: conn.try_clone()?,
             tag: STDERR,
         };
-        let code = match Cli::try_parse_from(std::iter::once("swarmfs".to_string()).chain(req.args)) {
-            Ok(cli) => match cli::execute(store, &cli, &mut out, &mut err, net) {
-                Ok(code) => code,
-                Err(e) => {
-                    writeln!(err, "swarmfs: {e:#}")?;
-                    1
-                }
-            },
-            Err(e) => {
-                write!(err, "{}", e.render())?;
-                2
-            }
-        };
+        let args = req.args.into_iter().map(OsString::from_vec).collect();
+        let code = run(api, args, &mut out, &mut err);
         out.flush()?;
         let mut s = conn;
         s.write_all(&[EXIT, 1, 0, 0, 0, code])?;
@@ -135,13 +141,14 @@ fn serve(conn: UnixStream, store: &Store, net: Option<&cli::NetCtx>) {
 
 /// Runs `args` in the daemon that serves `data_dir`, relaying its output. Returns `None` when
 /// no daemon answers, so the caller opens the store itself.
-pub fn forward(data_dir: &Path, args: Vec<String>) -> io::Result<Option<u8>> {
+pub fn forward(data_dir: &Path, args: Vec<OsString>) -> io::Result<Option<u8>> {
     let conn = match UnixStream::connect(socket_path(data_dir)) {
         Ok(c) => c,
         Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
         Err(e) => return Err(e),
     };
     let mut w = &conn;
+    let args = args.iter().map(|a| a.as_bytes().to_vec()).collect();
     let mut line = serde_json::to_string(&Request { args }).map_err(io::Error::other)?;
     line.push('\n');
     w.write_all(line.as_bytes())?;

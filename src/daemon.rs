@@ -1,11 +1,12 @@
 //! The daemon: owns the store, the mount and the control socket, and shuts them down in order.
 //!
 //! Start-up: take the store (one daemon per data directory), clean up a stale mount that a
-//! killed daemon left, mount, serve the control socket.
+//! killed daemon left, mount, serve the control socket and HTTP (all on one `Api`).
 //!
-//! Shutdown, on SIGINT or SIGTERM: stop serving the control socket, unmount (lazily if a
-//! process still has a file open, so the daemon never hangs on it), then flush the names and
-//! the store. A second SIGINT exits at once.
+//! Shutdown, when the future given to `run_until` ends (`run`: SIGINT or SIGTERM): stop
+//! serving HTTP and the control socket, unmount (lazily if a process still has a file open,
+//! so the daemon never hangs on it), then flush the names and the store. A second SIGINT
+//! exits at once.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use fuser::{Config, MountOption};
 
-use crate::cli::NetCtx;
+use crate::api::{Api, NetCtx};
 use crate::control;
 use crate::fetch::{Fetcher, NetSource};
 use crate::fs::{FsOptions, SwarmFs};
@@ -24,8 +25,12 @@ use crate::net::Net;
 use crate::store::{self, Store};
 
 /// How the daemon runs.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DaemonOptions {
+    /// Serve HTTP here (gateway, API, dashboard, metrics); `None`: no HTTP.
+    pub http: Option<std::net::SocketAddr>,
+    /// Runs the command lines the control socket receives (the CLI's `run_args`).
+    pub control: control::Runner,
     pub data_dir: PathBuf,
     pub mount: Option<PathBuf>,
     pub cache_size: Option<u64>,
@@ -119,8 +124,30 @@ fn fusermount_u(dir: &Path, lazy: bool) -> bool {
     c.status().is_ok_and(|s| s.success())
 }
 
-/// Runs the daemon in the foreground until SIGINT or SIGTERM.
+/// Runs the daemon in the foreground until SIGINT or SIGTERM; a second SIGINT during the
+/// shutdown exits at once.
 pub fn run(opts: DaemonOptions) -> Result<()> {
+    run_until(opts, |_| async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("swarmfs: shutting down (Ctrl-C again to force)");
+        drop(int);
+        force_exit_on_sigint();
+    })
+}
+
+/// Runs the daemon until `shutdown` ends, then stops it in order. `ready` gets the API once
+/// everything is up (tests run a whole daemon in-process this way).
+pub fn run_until<F, Fut>(opts: DaemonOptions, shutdown: F) -> Result<()>
+where
+    F: FnOnce(Arc<Api>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let store = Arc::new(Store::open(
         &opts.data_dir,
         store::Options {
@@ -212,26 +239,33 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
     let info = rt.block_on(ctx.fetcher.net().info());
     eprintln!("swarmfs: peer id {}", info.peer_id);
     let fetcher = ctx.fetcher.clone();
-    let control = control::Server::start(store.clone(), Some(ctx)).context("cannot serve the control socket")?;
+    let api = Api::new(store.clone(), Some(ctx));
+    let control =
+        control::Server::start(api.clone(), opts.control.clone()).context("cannot serve the control socket")?;
+    let http = match opts.http {
+        None => None,
+        Some(addr) => match rt.block_on(crate::http::start(api.clone(), addr)) {
+            Ok(s) => {
+                eprintln!("swarmfs: dashboard and gateway on http://{}/", s.addr);
+                api.set_http(Some(s.addr.to_string()));
+                Some(s)
+            }
+            // A port in use is no reason to leave the files unshared.
+            Err(e) => {
+                tracing::warn!("not serving HTTP on {addr}: {e:#} (choose another with --http ADDR, or --no-http)");
+                None
+            }
+        },
+    };
 
-    rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("shutting down");
-        eprintln!("swarmfs: shutting down (Ctrl-C again to force)");
-        drop(int);
-        force_exit_on_sigint();
-    });
+    rt.block_on(shutdown(api.clone()));
+    tracing::info!("shutting down");
     let stopping = std::time::Instant::now();
     // Lookups and reads waiting on the network give up now, so the unmount is not held up.
     fetcher.stop();
     std::thread::sleep(opts.shutdown_delay);
 
+    drop(http);
     drop(control);
     tracing::debug!(ms = stopping.elapsed().as_millis(), "control socket closed");
     // Files still open for writing are committed as they stand: a clean stop loses nothing.

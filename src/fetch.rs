@@ -720,7 +720,7 @@ impl crate::fs::BlobSource for NetSource {
 /// Fetches the whole of blob `h` into the store (what is already there is kept: an
 /// interrupted fetch resumes), with a progress line on `err` if `progress`.
 pub fn fetch_all(
-    ctx: &crate::cli::NetCtx,
+    ctx: &crate::api::NetCtx,
     store: &Store,
     h: Hash,
     progress: bool,

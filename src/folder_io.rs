@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 
-use crate::cli::NetCtx;
+use crate::api::NetCtx;
 use crate::fetch::GetError;
 use crate::folder::{self, Entry, EntryKind, FolderError, ManifestSource, Reader};
 use crate::hash::Hash;
@@ -433,4 +433,33 @@ fn sync_fs(dir: &Path) -> Result<()> {
         return Err(std::io::Error::last_os_error()).context("cannot sync the written folder");
     }
     Ok(())
+}
+
+/// What a path inside a folder names.
+pub enum Resolved {
+    /// A file: its entry (hash and size).
+    File(Entry),
+    /// A folder: its manifest's hash and its entries.
+    Folder(Hash, Vec<Entry>),
+}
+
+/// Follows `path` (names, no `/`) from folder `root`, reading one manifest per level (and
+/// per part on the way). Symlinks are not followed. A hostile manifest gets its providers
+/// banned, as everywhere.
+pub fn resolve(store: &Store, net: Option<&NetCtx>, root: Hash, path: &[&[u8]]) -> Result<Option<Resolved>> {
+    let src = Manifests { store, net };
+    let reader = Reader::new(&src);
+    let (mut cur, mut total) = (root, None);
+    for (i, name) in path.iter().enumerate() {
+        let Some(e) = reader.find(&cur, total, name).map_err(|e| refused(net, e))? else {
+            return Ok(None);
+        };
+        match e.kind {
+            EntryKind::Folder => (cur, total) = (e.hash, Some(e.size)),
+            EntryKind::File if i + 1 == path.len() => return Ok(Some(Resolved::File(e))),
+            _ => return Ok(None),
+        }
+    }
+    let entries = reader.list(&cur, total).map_err(|e| refused(net, e))?;
+    Ok(Some(Resolved::Folder(cur, entries)))
 }

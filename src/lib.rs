@@ -7,6 +7,8 @@
 //! - [`bao`]: the verified encoding of group ranges, for partial writes and the wire.
 //! - [`store`]: blobs on disk with a sled index: import, verified reads, partial blobs,
 //!   pins, LRU eviction, crash recovery.
+//! - [`api`]: one typed API for every operation; the CLI renders it, the control socket
+//!   runs it in the daemon, [`http`] serves it (gateway, JSON, events, dashboard, metrics).
 //! - [`cli`]: the command line; `main.rs` only parses and maps errors to exit codes.
 //!
 //! Invariant: no byte reaches a reader, the cache or a peer unless it verified against its
@@ -15,6 +17,7 @@
 // A `Vec<Range<u64>>` of one range is a request for one run of groups, not a mistake.
 #![allow(clippy::single_range_in_vec_init)]
 
+pub mod api;
 pub mod bao;
 pub mod cli;
 pub mod control;
@@ -24,6 +27,8 @@ pub mod folder;
 pub mod folder_io;
 pub mod fs;
 pub mod hash;
+pub mod http;
+pub mod metrics;
 pub mod names;
 pub mod net;
 pub mod protocol;

@@ -6,12 +6,12 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = swarmfs::cli::Cli::parse();
-    swarmfs::cli::init_logging();
+    swarmfs::cli::init_logging(&args);
     match swarmfs::cli::run(args) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("swarmfs: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(swarmfs::api::ApiError::from(e).exit_code())
         }
     }
 }

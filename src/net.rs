@@ -39,6 +39,7 @@ pub(crate) use reach::is_circuit;
 pub use session::Holding;
 
 use crate::hash::Hash;
+use crate::metrics::Metrics;
 use crate::protocol::{self, Request, ResponseHead, Status};
 use crate::store::{Store, StoreError, Written};
 use crate::swarm::Swarms;
@@ -326,6 +327,7 @@ pub struct Net {
     peer_id: PeerId,
     store: Arc<Store>,
     pub counters: Arc<Counters>,
+    pub metrics: Arc<Metrics>,
     banned: Arc<Mutex<HashSet<PeerId>>>,
     /// The limits of `--max-upload-rate` and `--max-download-rate`.
     up_rate: Option<Arc<crate::rate::Rate>>,
@@ -525,6 +527,7 @@ fn run_swarm(
     opts: &NetOptions,
     banned: Arc<Mutex<HashSet<PeerId>>>,
     reconnected: Arc<Mutex<HashSet<PeerId>>>,
+    metrics: Arc<Metrics>,
 ) -> Result<mpsc::Sender<Cmd>> {
     for addr in &opts.listen {
         swarm
@@ -542,7 +545,7 @@ fn run_swarm(
     }
     let (tx, rx) = mpsc::channel(256);
     let kept = opts.bootstrap.iter().map(|a| Kept::new(a.clone())).collect();
-    tokio::spawn(event_loop(swarm, rx, banned, reconnected, kept));
+    tokio::spawn(event_loop(swarm, rx, banned, reconnected, kept, metrics));
     Ok(tx)
 }
 
@@ -551,6 +554,7 @@ impl Net {
     pub async fn start(store: Arc<Store>, key: Keypair, opts: NetOptions) -> Result<Net> {
         let peer_id = key.public().to_peer_id();
         let quic = opts.psk.is_none();
+        let mut registry = prometheus_client::registry::Registry::default();
         let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
             .with_other_transport(|key| {
@@ -591,18 +595,27 @@ impl Net {
             })?
             // Circuits through relays, for peers that no one can dial directly.
             .with_relay_client(noise::Config::new, yamux::Config::default)?
+            .with_bandwidth_metrics(&mut registry)
             .with_behaviour(|key, relay_client| behaviour(key, relay_client, &opts))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
             .build();
+        let metrics = Metrics::new(registry);
         let control = swarm.behaviour().stream.new_control();
         let (banned, reconnected) = (Arc::new(Mutex::new(HashSet::new())), Arc::default());
-        let tx = run_swarm(swarm, &opts, Arc::clone(&banned), Arc::clone(&reconnected))?;
+        let tx = run_swarm(
+            swarm,
+            &opts,
+            Arc::clone(&banned),
+            Arc::clone(&reconnected),
+            metrics.clone(),
+        )?;
         let net = Net {
             tx,
             control,
             peer_id,
             store,
             counters: Arc::new(Counters::default()),
+            metrics,
             banned,
             reconnected,
             up_rate: opts.max_upload_rate.map(|r| Arc::new(crate::rate::Rate::new(r))),
@@ -619,7 +632,7 @@ impl Net {
         // Every blob that becomes complete is announced: added, written, or fetched (so
         // fetched content is seeded). The hook holds only the command channel, not the store.
         let tx = net.tx.clone();
-        net.store.set_on_complete(move |h| provide_soon(&tx, h));
+        net.store.on_complete(move |h| provide_soon(&tx, h));
         net.clone().serve(opts.corrupt_responses)?;
         // Announce what is already held.
         for b in net.store.list()? {
@@ -910,6 +923,7 @@ impl Net {
             }
             stream.write_all(&chunk).await?;
             self.counters.sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            self.metrics.bytes_served.inc_by(chunk.len() as u64);
             self.swarms.sent(hash, peer, chunk.len() as u64);
             self.bufs.put(chunk);
         }
@@ -1044,6 +1058,7 @@ impl Net {
                 }
             }
             self.counters.received.fetch_add(got as u64, Ordering::Relaxed);
+            self.metrics.bytes_fetched.inc_by(got as u64);
             if let Some(r) = &self.down_rate {
                 // Reading slower slows the sender (flow control).
                 r.take(got as u64).await;
@@ -1074,6 +1089,9 @@ impl Net {
                 }
                 self.put_back(peer, stream);
                 self.got_groups(h, &head.ranges);
+                let groups: u64 = head.ranges.iter().map(|r| r.end - r.start).sum();
+                self.metrics.groups_verified.inc_by(groups);
+                self.metrics.fetch_latency.observe(latency.as_secs_f64());
                 Ok(Fetched {
                     size: head.size,
                     latency,
@@ -1083,6 +1101,7 @@ impl Net {
                 })
             }
             Err(StoreError::BadData { .. }) => {
+                self.metrics.groups_failed.inc();
                 self.ban(peer).await;
                 Err(Attempt::Failed(FetchError::Bad { peer }))
             }
@@ -1196,12 +1215,31 @@ impl Read for ChannelReader {
 }
 
 /// The task that owns the swarm.
+/// The swarm's next event, recorded in the metrics.
+async fn next_event(swarm: &mut Swarm<Behaviour>, m: &Metrics) -> SwarmEvent<BehaviourEvent> {
+    use libp2p::metrics::Recorder;
+    let ev = swarm.select_next_some().await;
+    m.libp2p.record(&ev);
+    if let SwarmEvent::Behaviour(b) = &ev {
+        match b {
+            BehaviourEvent::Kad(e) => m.libp2p.record(e),
+            BehaviourEvent::Identify(e) => m.libp2p.record(e),
+            BehaviourEvent::Ping(e) => m.libp2p.record(e),
+            BehaviourEvent::Relay(e) => m.libp2p.record(e),
+            BehaviourEvent::Dcutr(e) => m.libp2p.record(e),
+            _ => {}
+        }
+    }
+    ev
+}
+
 async fn event_loop(
     mut swarm: Swarm<Behaviour>,
     mut rx: mpsc::Receiver<Cmd>,
     banned: Arc<Mutex<HashSet<PeerId>>>,
     reconnected: Arc<Mutex<HashSet<PeerId>>>,
     mut kept: Vec<Kept>,
+    metrics: Arc<Metrics>,
 ) {
     // Dials of kept addresses in flight, and `connect` requests waiting for theirs.
     let mut dials: HashMap<libp2p::swarm::ConnectionId, usize> = HashMap::new();
@@ -1357,7 +1395,7 @@ async fn event_loop(
                 // Dropping the swarm closes every connection and listener.
                 Some(Cmd::Stop) | None => return,
             },
-            ev = swarm.select_next_some() => match ev {
+            ev = next_event(&mut swarm, &metrics) => match ev {
                 SwarmEvent::NewListenAddr { address, .. } => {
                     // A relay's circuit address comes with this node's /p2p on the end.
                     let address = without_peer(&address);
@@ -1390,7 +1428,7 @@ async fn event_loop(
                         reannounce = Some(tokio::time::Instant::now() + REANNOUNCE_AFTER);
                     }
                 }
-                SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
+                SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
                     conns.insert(
                         connection_id,
                         Conn {
@@ -1428,7 +1466,12 @@ async fn event_loop(
                         let _ = swarm.disconnect_peer_id(peer_id);
                         continue;
                     }
-                    tracing::debug!(peer = %peer_id, "connected");
+                    if num_established.get() == 1 {
+                        let how = if is_circuit(endpoint.get_remote_address()) { "relayed" } else { "direct" };
+                        tracing::info!(peer = %peer_id, address = %without_peer(endpoint.get_remote_address()), how, "peer connected");
+                    } else {
+                        tracing::debug!(peer = %peer_id, "another connection");
+                    }
                     if endpoint.is_dialer() {
                         swarm.behaviour_mut().kad.add_address(&peer_id, endpoint.get_remote_address().clone());
                     }
@@ -1458,6 +1501,7 @@ async fn event_loop(
                     conns.remove(&connection_id);
                     if num_established == 0 {
                         reach.peer_gone(&peer_id);
+                        tracing::info!(peer = %peer_id, "peer disconnected");
                     }
                     tracing::debug!(peer = %peer_id, remaining = num_established, "connection closed: {cause:?}");
                 }

@@ -4,6 +4,7 @@ use std::fs;
 use std::time::Duration;
 
 use crate::util::*;
+use swarmfs::Hash;
 
 #[test]
 fn add_matches_b3sum_and_cat_round_trips() {
@@ -156,7 +157,7 @@ fn pin_unpin_gc_through_the_cli() {
     assert!(!ls.contains(ha) && ls.contains(hb), "{ls}");
     // The cap is remembered.
     let out = ok(swarmfs(d, &["gc"]));
-    assert!(out.contains("of 1572864 bytes"), "{out}");
+    assert!(out.contains("of 1.5 MiB used"), "{out}");
 }
 
 #[test]
@@ -263,4 +264,90 @@ fn option_values_out_of_range_are_refused_with_a_clear_error() {
     }
     let err = fails(swarmfs(d, &["--cache-size", "99999999999T", "ls"]));
     assert!(err.contains("is not a size"), "{err}");
+}
+
+#[test]
+fn paths_travel_as_bytes_through_the_daemon() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let root = tempfile::tempdir().unwrap();
+    let d = root.path().join("d");
+    let daemon = Daemon::start(&d, &root.path().join("m"), &[]);
+    // A name that is not UTF-8: add goes through the control socket, and the line it prints
+    // names the file byte for byte, as b3sum does.
+    let name = OsStr::from_bytes(b"caf\xe9.txt");
+    std::fs::write(root.path().join(name), b"not utf-8 named").unwrap();
+    let mut add = swarmfs(&d, &["add"]);
+    add.current_dir(root.path()).arg(name);
+    let out = run(add);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let hash = Hash::of(b"not utf-8 named").to_string();
+    let mut want = format!("{hash}  ").into_bytes();
+    want.extend_from_slice(b"caf\xe9.txt\n");
+    assert_eq!(out.stdout, want);
+    // get -o to a name that is not UTF-8 writes exactly that name.
+    let target = OsStr::from_bytes(b"out\xe9");
+    let mut get = swarmfs(&d, &["get", &hash, "-o"]);
+    get.current_dir(root.path()).arg(target);
+    ok(get);
+    assert_eq!(std::fs::read(root.path().join(target)).unwrap(), b"not utf-8 named");
+    drop(daemon);
+}
+
+#[test]
+fn every_command_answers_json_with_the_http_fields() {
+    let root = tempfile::tempdir().unwrap();
+    let d = root.path().join("d");
+    let daemon = Daemon::start(&d, &root.path().join("m"), &[]);
+    let f = write_file(root.path(), "f", b"json please");
+    let hash = add_file(&d, &f);
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = run(swarmfs(&d, &all));
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+    };
+    assert!(json(&["peers"]).is_array());
+    assert!(json(&["providers", &hash]).is_array());
+    assert_eq!(json(&["pin", &hash])[0], hash.as_str());
+    assert_eq!(json(&["unpin", &hash])[0]["hash"], hash.as_str());
+    assert_eq!(json(&["ls"])[0]["hash"], hash.as_str());
+    let st = json(&["status"]);
+    for field in [
+        "peer_id",
+        "cache_used",
+        "cache_size",
+        "transfers",
+        "reachability",
+        "http",
+    ] {
+        assert!(st.get(field).is_some(), "status has no {field}: {st}");
+    }
+    // The same fields as the HTTP API's.
+    let http = daemon.http();
+    let mut c = std::process::Command::new("curl");
+    c.args(["-s", &format!("{http}/api/status")]);
+    let over_http: serde_json::Value = serde_json::from_str(&ok(c)).unwrap();
+    let keys = |v: &serde_json::Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&st), keys(&over_http));
+    assert!(json(&["gc"]).is_array());
+    assert!(json(&["verify"]).is_array());
+    drop(daemon);
+}
+
+#[test]
+fn completions_and_the_man_page_come_from_the_command_line_definitions() {
+    let bash = ok(bin().args(["completions", "bash"]));
+    assert!(bash.contains("_swarmfs()") && bash.contains("providers"), "{bash}");
+    let zsh = ok(bin().args(["completions", "zsh"]));
+    assert!(zsh.contains("#compdef swarmfs"));
+    let man = ok(bin().arg("man"));
+    assert!(man.contains(".TH swarmfs") && man.contains("completions"), "{man}");
+    let bad = run(bin().args(["completions", "nosuchshell"]));
+    assert_eq!(bad.status.code(), Some(2));
 }

@@ -4,10 +4,13 @@
 
 mod util;
 
+mod api;
 mod cli;
 mod crash;
+mod dashboard;
 mod e2e;
 mod folders;
+mod gateway;
 mod mount;
 mod nat;
 mod net;

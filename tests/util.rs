@@ -199,10 +199,13 @@ impl Daemon {
             std::fs::create_dir_all(mnt).unwrap();
         }
         let log = data.with_extension(format!("log{}", std::process::id()));
-        // Never mDNS outside a namespace of our own, and never a fixed port.
+        // Never mDNS outside a namespace of our own, and never a fixed port (HTTP included).
+        cmd.arg(mnt)
+            .args(["--no-mdns", "--no-upnp", "--listen", "/ip4/127.0.0.1/tcp/0"]);
+        if !extra.iter().any(|a| a.starts_with("--http") || *a == "--no-http") {
+            cmd.args(["--http", "127.0.0.1:0"]);
+        }
         let child = cmd
-            .arg(mnt)
-            .args(["--no-mdns", "--no-upnp", "--listen", "/ip4/127.0.0.1/tcp/0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -215,7 +218,9 @@ impl Daemon {
             child: Some(child),
         };
         let start = Instant::now();
-        while !d.log_text().contains("swarmfs: mounted") {
+        // Mounted, and the control socket answers (CLI commands go through it).
+        let sock = data.join("control.sock");
+        while !d.log_text().contains("swarmfs: mounted") || !sock.exists() {
             if let Some(s) = d.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("daemon exited ({s}) before mounting: {}", d.log_text());
             }
@@ -235,6 +240,20 @@ impl Daemon {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The HTTP server's base URL, `http://127.0.0.1:PORT`, once the daemon says it serves.
+    pub fn http(&self) -> String {
+        const SAYS: &str = "swarmfs: dashboard and gateway on ";
+        let start = Instant::now();
+        loop {
+            let log = self.log_text();
+            if let Some(line) = log.lines().find_map(|l| l.strip_prefix(SAYS)) {
+                return line.trim_end_matches('/').to_string();
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "no HTTP server: {log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Sends `sig` (e.g. "INT") and waits for the exit; returns its code.

@@ -16,6 +16,7 @@ use fuser::{
 
 use super::{is_read_only, lock, Handle, Holding, Inner, SwarmFs, HASH_TTL, HASH_XATTR};
 use crate::folder::EntryKind;
+use crate::metrics::Op;
 use crate::names::{self, Kind, Node};
 
 /// Largest read and write we ask the kernel for.
@@ -67,25 +68,27 @@ impl Filesystem for SwarmFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let op = Op::start("lookup");
         let name = name.to_owned();
         // A hash that is not local may wait on the network: never on this thread.
         self.0.spawn(move |fs| match fs.lookup(parent.0, &name) {
             Ok((a, ttl)) => reply.entry(&ttl, &a, Generation(0)),
-            Err(e) => reply.error(e),
+            Err(e) => op.fail(reply, e),
         });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let op = Op::start("getattr");
         if let Some(h) = self.0.ino_hash(ino.0) {
             // A blob evicted since it was looked up is looked up again: never on this thread.
             return self.0.spawn(move |fs| match fs.hash_attr_or_find(&h) {
                 Ok(a) => reply.attr(&HASH_TTL, &a),
-                Err(e) => reply.error(e),
+                Err(e) => op.fail(reply, e),
             });
         }
         match self.0.attr(ino.0) {
             Ok((a, ttl)) => reply.attr(&ttl, &a),
-            Err(e) => reply.error(e),
+            Err(e) => op.fail(reply, e),
         }
     }
 
@@ -107,8 +110,9 @@ impl Filesystem for SwarmFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let op = Op::start("setattr");
         if is_read_only(ino.0) {
-            return reply.error(Errno::EROFS);
+            return op.fail(reply, Errno::EROFS);
         }
         self.0.spawn(move |fs| {
             let res = (|| {
@@ -148,35 +152,38 @@ impl Filesystem for SwarmFs {
             })();
             match res {
                 Ok((a, ttl)) => reply.attr(&ttl, &a),
-                Err(e) => reply.error(e),
+                Err(e) => op.fail(reply, e),
             }
         });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let op = Op::start("readlink");
         if let Some(n) = self.0.tree_node(ino.0) {
             return match n.entry.kind {
                 EntryKind::Symlink => reply.data(&n.entry.target),
-                _ => reply.error(Errno::EINVAL),
+                _ => op.fail(reply, Errno::EINVAL),
             };
         }
         match self.0.node(ino.0) {
             Ok(n) if n.kind == Kind::Symlink => reply.data(&n.target),
-            Ok(_) => reply.error(Errno::EINVAL),
-            Err(e) => reply.error(e),
+            Ok(_) => op.fail(reply, Errno::EINVAL),
+            Err(e) => op.fail(reply, e),
         }
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let op = Op::start("mkdir");
         match self.make(req, parent, name, Kind::Dir, mode & !umask) {
             Ok(ino) => self.entry(ino, reply),
-            Err(e) => reply.error(e),
+            Err(e) => op.fail(reply, e),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let op = Op::start("unlink");
         if Inner::reserved(parent.0, name) {
-            return reply.error(Errno::EROFS);
+            return op.fail(reply, Errno::EROFS);
         }
         let name = name.to_owned();
         // Made durable before the reply (sqlite's commit ends by deleting its journal): on the
@@ -187,31 +194,33 @@ impl Filesystem for SwarmFs {
                     fs.removed(ino, node);
                     match fs.sync_names() {
                         Ok(()) => reply.ok(),
-                        Err(e) => reply.error(e),
+                        Err(e) => op.fail(reply, e),
                     }
                 }
-                Err(e) => reply.error(e.into()),
+                Err(e) => op.fail(reply, e.into()),
             });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let op = Op::start("rmdir");
         if Inner::reserved(parent.0, name) {
-            return reply.error(Errno::EROFS);
+            return op.fail(reply, Errno::EROFS);
         }
         match self.0.names.remove(parent.0, name.as_bytes(), true) {
             Ok(_) => reply.ok(),
-            Err(e) => reply.error(e.into()),
+            Err(e) => op.fail(reply, e.into()),
         }
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let op = Op::start("mknod");
         let kind = match mode & libc::S_IFMT {
             libc::S_IFREG | 0 => Kind::File,
             libc::S_IFIFO => Kind::Fifo,
             libc::S_IFSOCK => Kind::Socket,
             libc::S_IFCHR => Kind::CharDev,
             libc::S_IFBLK => Kind::BlockDev,
-            _ => return reply.error(Errno::EINVAL),
+            _ => return op.fail(reply, Errno::EINVAL),
         };
         let res = self.make(req, parent, name, kind, mode & !umask).and_then(|ino| {
             match kind {
@@ -226,21 +235,22 @@ impl Filesystem for SwarmFs {
         });
         match res {
             Ok(ino) => self.entry(ino, reply),
-            Err(e) => reply.error(e),
+            Err(e) => op.fail(reply, e),
         }
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let op = Op::start("link");
         if is_read_only(ino.0) {
             // Blob entries are not names: copy one to name it.
-            return reply.error(Errno::EPERM);
+            return op.fail(reply, Errno::EPERM);
         }
         if Inner::reserved(newparent.0, newname) {
-            return reply.error(Errno::EROFS);
+            return op.fail(reply, Errno::EROFS);
         }
         match self.0.names.link(ino.0, newparent.0, newname.as_bytes()) {
             Ok(_) => self.entry(ino.0, reply),
-            Err(e) => reply.error(e.into()),
+            Err(e) => op.fail(reply, e.into()),
         }
     }
 
@@ -254,20 +264,21 @@ impl Filesystem for SwarmFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let op = Op::start("fallocate");
         // Space is not reserved ahead (content lands in a blob at commit): mode 0 grows the
         // file to cover the range, KEEP_SIZE is accepted and does nothing; punching holes,
         // collapsing, zeroing and inserting ranges are not supported.
         if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
-            return reply.error(Errno::EOPNOTSUPP);
+            return op.fail(reply, Errno::EOPNOTSUPP);
         }
         match self.0.handle(fh.0).as_deref() {
             Ok(Handle::File { write: true, .. }) => {}
-            Ok(Handle::Blob { .. }) => return reply.error(Errno::EROFS),
-            Ok(_) => return reply.error(Errno::EBADF),
-            Err(e) => return reply.error(*e),
+            Ok(Handle::Blob { .. }) => return op.fail(reply, Errno::EROFS),
+            Ok(_) => return op.fail(reply, Errno::EBADF),
+            Err(e) => return op.fail(reply, *e),
         }
         let Some(end) = offset.checked_add(length).filter(|&e| e <= i64::MAX as u64) else {
-            return reply.error(Errno::EFBIG);
+            return op.fail(reply, Errno::EFBIG);
         };
         if mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
             return reply.ok();
@@ -278,14 +289,15 @@ impl Filesystem for SwarmFs {
                 .and_then(|(a, _)| if end > a.size { fs.truncate(ino.0, end) } else { Ok(()) });
             match res {
                 Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
+                Err(e) => op.fail(reply, e),
             }
         });
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let op = Op::start("symlink");
         if target.as_os_str().len() >= libc::PATH_MAX as usize {
-            return reply.error(Errno::ENAMETOOLONG);
+            return op.fail(reply, Errno::ENAMETOOLONG);
         }
         let res = self.make(req, parent, link_name, Kind::Symlink, 0o777).and_then(|ino| {
             self.0
@@ -295,7 +307,7 @@ impl Filesystem for SwarmFs {
         });
         match res {
             Ok(ino) => self.entry(ino, reply),
-            Err(e) => reply.error(e),
+            Err(e) => op.fail(reply, e),
         }
     }
 
@@ -309,11 +321,12 @@ impl Filesystem for SwarmFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let op = Op::start("rename");
         if Inner::reserved(parent.0, name) || Inner::reserved(newparent.0, newname) {
-            return reply.error(Errno::EROFS);
+            return op.fail(reply, Errno::EROFS);
         }
         if flags.contains(RenameFlags::RENAME_EXCHANGE) || flags.contains(RenameFlags::RENAME_WHITEOUT) {
-            return reply.error(Errno::EINVAL);
+            return op.fail(reply, Errno::EINVAL);
         }
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let (name, newname) = (name.to_owned(), newname.to_owned());
@@ -329,27 +342,28 @@ impl Filesystem for SwarmFs {
                     }
                     match fs.sync_names() {
                         Ok(()) => reply.ok(),
-                        Err(e) => reply.error(e),
+                        Err(e) => op.fail(reply, e),
                     }
                 }
-                Err(e) => reply.error(e.into()),
+                Err(e) => op.fail(reply, e.into()),
             }
         });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let op = Op::start("open");
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         let blob = match self.0.tree_node(ino.0) {
             Some(n) if n.entry.kind == EntryKind::File => Some((n.entry.hash, Some((n.entry.size, n.from)))),
-            Some(_) => return reply.error(Errno::EISDIR),
+            Some(_) => return op.fail(reply, Errno::EISDIR),
             None => self.0.ino_hash(ino.0).map(|h| (h, None)),
         };
         if let Some((hash, expect)) = blob {
             if write {
-                return reply.error(Errno::EROFS);
+                return op.fail(reply, Errno::EROFS);
             }
             if lock(&self.0.kinds).get(&hash) == Some(&true) && expect.is_none() {
-                return reply.error(Errno::EISDIR);
+                return op.fail(reply, Errno::EISDIR);
             }
             let backing = self.0.backing(ino.0, &hash, &reply);
             let fh = self.0.new_fh(Handle::Blob {
@@ -369,10 +383,10 @@ impl Filesystem for SwarmFs {
         }
         let node = match self.0.node(ino.0) {
             Ok(n) => n,
-            Err(e) => return reply.error(e),
+            Err(e) => return op.fail(reply, e),
         };
         if node.kind == Kind::Dir {
-            return reply.error(Errno::EISDIR);
+            return op.fail(reply, Errno::EISDIR);
         }
         if write {
             self.0.add_writer(ino.0, false);
@@ -399,13 +413,14 @@ impl Filesystem for SwarmFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let op = Op::start("read");
         let h = match self.0.handle(fh.0) {
             Ok(h) => h,
-            Err(e) => return reply.error(e),
+            Err(e) => return op.fail(reply, e),
         };
         self.0.spawn(move |fs| match fs.read(&h, offset, size) {
             Ok(data) => reply.data(&data),
-            Err(e) => reply.error(e),
+            Err(e) => op.fail(reply, e),
         });
     }
 
@@ -421,21 +436,23 @@ impl Filesystem for SwarmFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let op = Op::start("write");
         match self.0.handle(fh.0).as_deref() {
             Ok(Handle::File { write: true, .. }) => {}
-            Ok(Handle::Blob { .. }) => return reply.error(Errno::EROFS),
-            Ok(_) => return reply.error(Errno::EBADF),
-            Err(e) => return reply.error(*e),
+            Ok(Handle::Blob { .. }) => return op.fail(reply, Errno::EROFS),
+            Ok(_) => return op.fail(reply, Errno::EBADF),
+            Err(e) => return op.fail(reply, *e),
         }
         let data = data.to_vec();
         let n = data.len() as u32;
         self.0.spawn(move |fs| match fs.write(ino.0, offset, data) {
             Ok(()) => reply.written(n),
-            Err(e) => reply.error(e),
+            Err(e) => op.fail(reply, e),
         });
     }
 
     fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        let op = Op::start("flush");
         // close(2) sees this reply: publishing here lets a full disk fail the close.
         match self.0.handle(fh.0).as_deref() {
             Ok(Handle::File { write: true, .. }) => {}
@@ -443,7 +460,7 @@ impl Filesystem for SwarmFs {
         }
         self.0.spawn(move |fs| match fs.flush_file(ino.0) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+            Err(e) => op.fail(reply, e),
         });
     }
 
@@ -457,6 +474,7 @@ impl Filesystem for SwarmFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let op = Op::start("release");
         let Some(h) = lock(&self.0.handles).remove(&fh.0) else {
             return reply.ok();
         };
@@ -472,28 +490,31 @@ impl Filesystem for SwarmFs {
             fs.released(ino.0);
             match res {
                 Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
+                Err(e) => op.fail(reply, e),
             }
         });
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let op = Op::start("fsync");
         // A promise: the content as it stands is stored, named and durable before the reply.
         self.0.spawn(move |fs| match fs.sync_file(ino.0) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+            Err(e) => op.fail(reply, e),
         });
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let op = Op::start("fsyncdir");
         // The folder's names, and every other name change so far, are made durable.
         self.0.spawn(move |fs| match fs.sync_names() {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+            Err(e) => op.fail(reply, e),
         });
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        Op::start("readdir");
         fn answer(
             entries: Result<Vec<(u64, fuser::FileType, Vec<u8>)>, Errno>,
             offset: u64,
@@ -501,7 +522,7 @@ impl Filesystem for SwarmFs {
         ) {
             let entries = match entries {
                 Ok(e) => e,
-                Err(e) => return reply.error(e),
+                Err(e) => return Op("readdir").fail(reply, e),
             };
             for (i, (cino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
                 if reply.add(INodeNo(cino), i as u64 + 1, kind, OsStr::from_bytes(&name)) {
@@ -518,6 +539,7 @@ impl Filesystem for SwarmFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        Op::start("statfs");
         const BS: u64 = 4096;
         let cap = self.0.store.cache_size();
         let used = self.0.store.used();
@@ -539,23 +561,25 @@ impl Filesystem for SwarmFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::ENOTSUP);
+        let op = Op::start("setxattr");
+        op.fail(reply, Errno::ENOTSUP);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let op = Op::start("getxattr");
         if name != HASH_XATTR {
-            return reply.error(Errno::ENODATA);
+            return op.fail(reply, Errno::ENODATA);
         }
         // A folder's hash is computed from what it holds, and its manifests stored.
         self.0.spawn(move |fs| {
             let value = match fs.hash_of(ino.0) {
                 Ok(h) => h.to_string(),
-                Err(e) => return reply.error(e),
+                Err(e) => return op.fail(reply, e),
             };
             if size == 0 {
                 reply.size(value.len() as u32);
             } else if (size as usize) < value.len() {
-                reply.error(Errno::ERANGE);
+                op.fail(reply, Errno::ERANGE);
             } else {
                 reply.data(value.as_bytes());
             }
@@ -563,6 +587,7 @@ impl Filesystem for SwarmFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let op = Op::start("listxattr");
         let list: &[u8] = if self.0.has_hash(ino.0) {
             b"user.swarmfs.hash\0"
         } else {
@@ -571,17 +596,19 @@ impl Filesystem for SwarmFs {
         if size == 0 {
             reply.size(list.len() as u32);
         } else if (size as usize) < list.len() {
-            reply.error(Errno::ERANGE);
+            op.fail(reply, Errno::ERANGE);
         } else {
             reply.data(list);
         }
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::ENOTSUP);
+        let op = Op::start("removexattr");
+        op.fail(reply, Errno::ENOTSUP);
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        Op::start("access");
         reply.ok();
     }
 
@@ -595,9 +622,10 @@ impl Filesystem for SwarmFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        let op = Op::start("create");
         let ino = match self.make(req, parent, name, Kind::File, mode & !umask) {
             Ok(ino) => ino,
-            Err(e) => return reply.error(e),
+            Err(e) => return op.fail(reply, e),
         };
         self.0.add_writer(ino, true);
         let fh = self.0.new_fh(Handle::File {
@@ -607,7 +635,7 @@ impl Filesystem for SwarmFs {
         });
         match self.0.attr(ino) {
             Ok((a, ttl)) => reply.created(&ttl, &a, Generation(0), FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(e),
+            Err(e) => op.fail(reply, e),
         }
     }
 }

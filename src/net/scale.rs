@@ -53,7 +53,8 @@ async fn node(port: u64, bootstrap: Vec<Multiaddr>) -> Node {
         .unwrap()
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
         .build();
-    let tx = run_swarm(swarm, &opts, Default::default(), Default::default()).unwrap();
+    let metrics = crate::metrics::Metrics::new(Default::default());
+    let tx = run_swarm(swarm, &opts, Default::default(), Default::default(), metrics).unwrap();
     Node { peer, tx }
 }
 

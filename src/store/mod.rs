@@ -150,7 +150,7 @@ pub struct Store {
     partials: Mutex<HashMap<Hash, Arc<Mutex<partial::Partial>>>>,
     tmp_seq: AtomicU64,
     /// Called with every blob that becomes complete (the node announces it).
-    on_complete: Mutex<Option<CompleteHook>>,
+    on_complete: Mutex<Vec<CompleteHook>>,
     /// Blob files that verified whole in this process's life, as they were then (`trust.rs`).
     verified: Mutex<HashMap<Hash, trust::Stamp>>,
     /// The mount's names (`crate::names`): a blob a name holds is never evicted.
@@ -207,7 +207,7 @@ impl Store {
             write: Mutex::new(()),
             partials: Mutex::new(HashMap::new()),
             tmp_seq: AtomicU64::new(0),
-            on_complete: Mutex::new(None),
+            on_complete: Mutex::new(Vec::new()),
             verified: Mutex::new(HashMap::new()),
             names,
             held: Mutex::new(HashMap::new()),
@@ -233,9 +233,13 @@ impl Store {
     }
 
     /// Calls `f` with every blob that becomes complete from now on: imported, written
-    /// through the mount, or fetched.
-    pub fn set_on_complete(&self, f: impl Fn(Hash) + Send + Sync + 'static) {
-        *self.on_complete.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(f));
+    /// through the mount, or fetched (beside the hooks already set: the node announces, the
+    /// API tells its event stream).
+    pub fn on_complete(&self, f: impl Fn(Hash) + Send + Sync + 'static) {
+        self.on_complete
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(f));
     }
 
     fn verified_lock(&self) -> MutexGuard<'_, HashMap<Hash, trust::Stamp>> {
@@ -245,8 +249,8 @@ impl Store {
     /// Blob `h` just became complete, every byte of it verified on the way in.
     pub(crate) fn completed(&self, h: Hash) {
         self.mark_verified(&h);
-        let hook = self.on_complete.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(f) = hook {
+        let hooks = self.on_complete.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for f in hooks {
             f(h);
         }
     }
