@@ -286,6 +286,53 @@ pub struct Verified {
     pub error: Option<String>,
 }
 
+/// How far a long operation (`get`, `add`) is: the CLI draws it as a progress bar on a
+/// terminal (through the control socket too), and prints one summary line from the last one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// "get" or "add".
+    pub what: String,
+    /// Bytes done.
+    pub done: u64,
+    /// Bytes in all; 0 while not known.
+    pub total: u64,
+    /// Peers serving (for `get`).
+    pub peers: usize,
+    /// Files done and in all, for a folder.
+    pub files: Option<(usize, usize)>,
+    pub elapsed_ms: u64,
+    /// The operation ended, and this is its summary.
+    pub finished: bool,
+}
+
+/// Where progress goes: a bar, a control socket frame, or nowhere.
+pub type ProgressSink<'a> = &'a mut dyn FnMut(&Progress);
+
+/// Calls `sink` at most every 250 ms, and always for a forced (final) report.
+pub struct Throttle {
+    last: Option<std::time::Instant>,
+}
+
+impl Throttle {
+    pub fn new() -> Throttle {
+        Throttle { last: None }
+    }
+
+    pub fn report(&mut self, sink: &mut dyn FnMut(&Progress), p: impl FnOnce() -> Progress, force: bool) {
+        if !force && self.last.is_some_and(|t| t.elapsed() < Duration::from_millis(250)) {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        sink(&p());
+    }
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle::new()
+    }
+}
+
 /// Cells in a transfer's map of groups.
 pub const MAP_CELLS: u64 = 100;
 

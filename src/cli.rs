@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
-use crate::api::{human, Added, Api, ApiError, ErrorKind};
+use crate::api::{human, Added, Api, ApiError, ErrorKind, Progress};
 use crate::hash::Hash;
 use crate::store::{self, Store, StoreError};
 use crate::ticket::Ticket;
@@ -474,6 +474,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             action: SwarmKeyAction::New,
         } => {
             let path = crate::net::new_swarm_key(&dir)?;
+            if cli.json {
+                json_out(
+                    &mut io::stdout(),
+                    &serde_json::json!({ "path": path.to_string_lossy() }),
+                )?;
+                return Ok(ExitCode::SUCCESS);
+            }
             println!("{}", path.display());
             eprintln!("swarmfs: copy this file to the data directory of every node of the private swarm; restart the daemon to use it");
             return Ok(ExitCode::SUCCESS);
@@ -482,12 +489,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
     // Check hashes before anything else, so a typo costs nothing.
     hashes(&cli.command)?;
-    if let Some(code) = crate::control::forward(&dir, forward_args(&cli)?).with_context(|| {
-        format!(
-            "cannot talk to the daemon at {}",
-            crate::control::socket_path(&dir).display()
-        )
-    })? {
+    let mut bars = Bars::default();
+    let tty = io::stderr().is_terminal();
+    if let Some(code) =
+        crate::control::forward(&dir, forward_args(&cli)?, &mut |p| bars.update(p)).with_context(|| {
+            format!(
+                "cannot talk to the daemon at {}",
+                crate::control::socket_path(&dir).display()
+            )
+        })?
+    {
         return Ok(ExitCode::from(code));
     }
     let store = Arc::new(Store::open(
@@ -539,7 +550,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     let mut out =
         io::BufWriter::with_capacity(1 << 16, std::fs::File::from(io::stdout().as_fd().try_clone_to_owned()?));
     let mut err = std::fs::File::from(io::stderr().as_fd().try_clone_to_owned()?);
-    let code = finish(execute(&api, &cli, &mut out, &mut err), &mut err);
+    let mut sink = |p: &Progress| {
+        if tty {
+            bars.update(p)
+        }
+    };
+    let code = finish(execute(&api, &cli, &mut out, &mut err, &mut sink), &mut err);
+    drop(bars);
     match out.flush() {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(e.into()),
         _ => {}
@@ -560,9 +577,23 @@ fn finish(r: Result<u8>, err: &mut dyn Write) -> u8 {
 
 /// Runs a command line inside the daemon (the control socket's requests): parses it, runs it
 /// on `api`, and returns the exit code. A bad command line gets clap's message and 2.
-pub fn run_args(api: &Api, args: Vec<OsString>, out: &mut (dyn Write + Send), err: &mut dyn Write) -> u8 {
+pub fn run_args(
+    api: &Api,
+    args: Vec<OsString>,
+    out: &mut (dyn Write + Send),
+    err: &mut dyn Write,
+    progress: &mut dyn FnMut(&Progress),
+) -> u8 {
     match Cli::try_parse_from(std::iter::once(OsString::from("swarmfs")).chain(args)) {
-        Ok(cli) => finish(execute(api, &cli, out, err), err),
+        Ok(cli) => {
+            // Progress goes back only to a client whose stderr is a terminal.
+            let mut gated = |p: &Progress| {
+                if cli.progress {
+                    progress(p)
+                }
+            };
+            finish(execute(api, &cli, out, err, &mut gated), err)
+        }
         Err(e) => {
             let _ = write!(err, "{}", e.render());
             2
@@ -665,7 +696,13 @@ fn json_out(out: &mut dyn Write, v: &impl Serialize) -> Result<()> {
 
 /// Runs a command on the API with output to `out` and per-item errors to `err`; the offline
 /// CLI and the daemon's control socket both call this. Returns the exit code.
-pub fn execute(api: &Api, cli: &Cli, out: &mut (dyn Write + Send), err: &mut dyn Write) -> Result<u8> {
+pub fn execute(
+    api: &Api,
+    cli: &Cli,
+    out: &mut (dyn Write + Send),
+    err: &mut dyn Write,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<u8> {
     let store = api.store();
     let net = api.net();
     let hashes = hashes(&cli.command)?;
@@ -679,7 +716,7 @@ pub fn execute(api: &Api, cli: &Cli, out: &mut (dyn Write + Send), err: &mut dyn
         }
     }
     match &cli.command {
-        Command::Add { paths, recursive } => add(api, paths, *recursive, cli.cwd.as_deref(), cli.json, out, err),
+        Command::Add { paths, recursive } => add(api, cli, paths, *recursive, out, err, progress),
         Command::Share { target } => {
             let n = net.context(
                 "no daemon is running for this data directory; a ticket carries the daemon's addresses: start one with `swarmfs mount DIR`",
@@ -732,7 +769,7 @@ pub fn execute(api: &Api, cli: &Cli, out: &mut (dyn Write + Send), err: &mut dyn
         Command::Cat { .. } => {
             let complete = store.info(&hashes[0])?.is_some_and(|i| i.complete);
             if let Some(n) = net.filter(|_| !complete) {
-                crate::fetch::fetch_all(n, store, hashes[0], cli.progress, err)?;
+                crate::fetch::fetch_all(n, store, hashes[0], progress)?;
             }
             cat(store, &hashes[0], out)
         }
@@ -742,10 +779,10 @@ pub fn execute(api: &Api, cli: &Cli, out: &mut (dyn Write + Send), err: &mut dyn
                 let dir = path
                     .as_ref()
                     .with_context(|| format!("{} is a folder: say where to put it with -o DIR", hashes[0]))?;
-                return crate::folder_io::get(store, n, hashes[0], dir, cli.progress, err);
+                return crate::folder_io::get(store, n, hashes[0], dir, progress, err);
             }
             let started = std::time::Instant::now();
-            crate::fetch::fetch_all(n, store, hashes[0], cli.progress, err)?;
+            crate::fetch::fetch_all(n, store, hashes[0], progress)?;
             match path {
                 Some(p) => {
                     let mut f = std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?;
@@ -759,14 +796,6 @@ pub fn execute(api: &Api, cli: &Cli, out: &mut (dyn Write + Send), err: &mut dyn
                         json_out(
                             out,
                             &serde_json::json!({ "hash": hashes[0], "size": size, "path": p.to_string_lossy(), "seconds": secs }),
-                        )?;
-                    } else if cli.progress {
-                        writeln!(
-                            err,
-                            "swarmfs: {} ({}) in {secs:.1} s, {}/s",
-                            p.display(),
-                            human(size),
-                            human((size as f64 / secs.max(0.001)) as u64)
                         )?;
                     }
                     Ok(0)
@@ -968,6 +997,70 @@ fn render_status(status: &crate::api::Status, out: &mut dyn Write) -> Result<()>
     Ok(())
 }
 
+/// Progress bars on stderr (indicatif): bytes, rate, ETA, peers; one summary line at the end.
+#[derive(Default)]
+pub struct Bars {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Bars {
+    pub fn update(&mut self, p: &Progress) {
+        let bar = self.bar.get_or_insert_with(|| {
+            let b = indicatif::ProgressBar::new(p.total);
+            let style = indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {bytes}/{total_bytes}  {bytes_per_sec}  ETA {eta}{msg}",
+            )
+            .map(|s| s.progress_chars("#>-"))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            b.set_style(style);
+            b.set_prefix(p.what.clone());
+            b
+        });
+        if bar.length() != Some(p.total) {
+            bar.set_length(p.total);
+        }
+        bar.set_position(p.done);
+        let mut msg = String::new();
+        if let Some((d, t)) = p.files {
+            msg.push_str(&format!("  {d}/{t} files"));
+        }
+        if p.what == "get" {
+            msg.push_str(&format!("  {} peer{}", p.peers, if p.peers == 1 { "" } else { "s" }));
+        }
+        bar.set_message(msg);
+        if p.finished {
+            bar.finish_and_clear();
+            self.bar = None;
+            let secs = p.elapsed_ms as f64 / 1000.0;
+            let rate = human((p.done as f64 / secs.max(0.001)) as u64);
+            let files = p.files.map_or(String::new(), |(d, _)| format!(", {d} files"));
+            let peers = if p.what == "get" {
+                format!(" from {} peer{}", p.peers, if p.peers == 1 { "" } else { "s" })
+            } else {
+                String::new()
+            };
+            let secs = if secs < 10.0 {
+                format!("{secs:.2}")
+            } else {
+                format!("{secs:.1}")
+            };
+            eprintln!(
+                "swarmfs: {} {}{files} in {secs} s ({rate}/s){peers}",
+                p.what,
+                human(p.done)
+            );
+        }
+    }
+}
+
+impl Drop for Bars {
+    fn drop(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
 /// The line b3sum prints for a file, including its escaping of `\` and newlines in names.
 /// Names are bytes: a byte that is not UTF-8 is written as it is, as b3sum does.
 pub fn b3sum_line(h: &Hash, path: &Path) -> Vec<u8> {
@@ -998,17 +1091,45 @@ pub fn b3sum_line(h: &Hash, path: &Path) -> Vec<u8> {
 /// (the client's, in the daemon) and printed as they were given.
 fn add(
     api: &Api,
+    cli: &Cli,
     paths: &[PathBuf],
     recursive: bool,
-    cwd: Option<&Path>,
-    json: bool,
     out: &mut dyn Write,
     err: &mut dyn Write,
+    progress: &mut dyn FnMut(&Progress),
 ) -> Result<u8> {
+    let (cwd, json) = (cli.cwd.as_deref(), cli.json);
     let store = api.store();
     let mut failed = false;
     let mut added = Vec::new();
+    // Progress a file at a time: the bytes of the files named, once each is stored (a
+    // folder's files count as they come, beyond the first total).
+    let started = std::time::Instant::now();
+    let mut total: u64 = paths
+        .iter()
+        .filter_map(|p| std::fs::metadata(cwd.map_or_else(|| p.clone(), |c| c.join(p))).ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum();
+    let mut done = 0u64;
+    let mut throttle = crate::api::Throttle::new();
+    let mut report = |size: u64, finished: bool| {
+        done += size;
+        total = total.max(done);
+        let now = || Progress {
+            what: "add".into(),
+            done,
+            total,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            finished,
+            ..Progress::default()
+        };
+        throttle.report(progress, now, finished);
+    };
     let mut line = |a: Added, out: &mut dyn Write| -> Result<()> {
+        if !a.folder {
+            report(a.size, false);
+        }
         if json {
             added.push(a);
         } else {
@@ -1076,6 +1197,7 @@ fn add(
             Err(e) => return Err(e.into()),
         }
     }
+    report(0, true);
     if json {
         json_out(out, &added)?;
     }

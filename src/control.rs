@@ -9,6 +9,7 @@
 //! - tag 1: bytes for stdout
 //! - tag 2: bytes for stderr
 //! - tag 3: the exit code (one byte); the last frame
+//! - tag 4: progress, a JSON `api::Progress` (only to a client whose stderr is a terminal)
 //!
 //! So output, errors and exit codes are exactly those of the offline CLI.
 
@@ -23,11 +24,12 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::Api;
+use crate::api::{Api, Progress};
 
 const STDOUT: u8 = 1;
 const STDERR: u8 = 2;
 const EXIT: u8 = 3;
+const PROGRESS: u8 = 4;
 /// Largest request line accepted.
 const MAX_REQUEST: u64 = 1 << 20;
 
@@ -38,7 +40,9 @@ struct Request {
 }
 
 /// Runs a command line on the API, writing to stdout and stderr; returns the exit code.
-pub type Runner = Arc<dyn Fn(&Api, Vec<OsString>, &mut (dyn Write + Send), &mut dyn Write) -> u8 + Send + Sync>;
+pub type Runner = Arc<
+    dyn Fn(&Api, Vec<OsString>, &mut (dyn Write + Send), &mut dyn Write, &mut dyn FnMut(&Progress)) -> u8 + Send + Sync,
+>;
 
 /// The socket's path in a data directory.
 pub fn socket_path(data_dir: &Path) -> PathBuf {
@@ -128,7 +132,16 @@ fn serve(conn: UnixStream, api: &Api, run: &Runner) {
             tag: STDERR,
         };
         let args = req.args.into_iter().map(OsString::from_vec).collect();
-        let code = run(api, args, &mut out, &mut err);
+        let mut bar = FrameWriter {
+            stream: conn.try_clone()?,
+            tag: PROGRESS,
+        };
+        let mut progress = |p: &Progress| {
+            if let Ok(j) = serde_json::to_vec(p) {
+                let _ = bar.write(&j);
+            }
+        };
+        let code = run(api, args, &mut out, &mut err, &mut progress);
         out.flush()?;
         let mut s = conn;
         s.write_all(&[EXIT, 1, 0, 0, 0, code])?;
@@ -141,7 +154,7 @@ fn serve(conn: UnixStream, api: &Api, run: &Runner) {
 
 /// Runs `args` in the daemon that serves `data_dir`, relaying its output. Returns `None` when
 /// no daemon answers, so the caller opens the store itself.
-pub fn forward(data_dir: &Path, args: Vec<OsString>) -> io::Result<Option<u8>> {
+pub fn forward(data_dir: &Path, args: Vec<OsString>, progress: &mut dyn FnMut(&Progress)) -> io::Result<Option<u8>> {
     let conn = match UnixStream::connect(socket_path(data_dir)) {
         Ok(c) => c,
         Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
@@ -181,6 +194,11 @@ pub fn forward(data_dir: &Path, args: Vec<OsString>) -> io::Result<Option<u8>> {
             STDERR => {
                 stdout.flush()?;
                 io::stderr().write_all(&buf)?;
+            }
+            PROGRESS => {
+                if let Ok(p) = serde_json::from_slice::<Progress>(&buf) {
+                    progress(&p);
+                }
             }
             EXIT => {
                 stdout.flush()?;

@@ -717,14 +717,23 @@ impl crate::fs::BlobSource for NetSource {
     }
 }
 
+/// The peers that sent bytes of `h` lately: what a progress bar calls "peers".
+pub fn serving(f: &Fetcher, h: &Hash) -> usize {
+    f.net()
+        .swarms
+        .transfers()
+        .into_iter()
+        .find(|t| t.hash == *h)
+        .map_or(0, |t| t.peers.iter().filter(|p| p.received > 0).count())
+}
+
 /// Fetches the whole of blob `h` into the store (what is already there is kept: an
-/// interrupted fetch resumes), with a progress line on `err` if `progress`.
+/// interrupted fetch resumes), reporting to `progress` as it goes and once at the end.
 pub fn fetch_all(
     ctx: &crate::api::NetCtx,
     store: &Store,
     h: Hash,
-    progress: bool,
-    err: &mut dyn std::io::Write,
+    progress: &mut dyn FnMut(&crate::api::Progress),
 ) -> anyhow::Result<()> {
     let f = &ctx.fetcher;
     let size = ctx
@@ -732,40 +741,26 @@ pub fn fetch_all(
         .block_on(f.size(h, ctx.lookup_timeout))
         .ok_or(GetError::NoProviders(h))?;
     let started = std::time::Instant::now();
-    let had = store.info(&h)?.map_or(0, |i| i.present);
-    let mut shown = std::time::Instant::now();
-    let mut show = |force: bool| {
-        if !progress || (!force && shown.elapsed() < Duration::from_millis(250)) {
-            return;
-        }
-        shown = std::time::Instant::now();
-        let got = store.info(&h).ok().flatten().map_or(0, |i| i.present);
-        let secs = started.elapsed().as_secs_f64().max(0.001);
-        let peers = f.known(&h).len();
-        let done = got as f64 / size.max(1) as f64;
-        let bar = (done * 24.0) as usize;
-        let _ = write!(
-            err,
-            "\r[{}{}] {:5.1}%  {} / {} MiB  {:.1} MiB/s  {} peer{}   ",
-            "#".repeat(bar),
-            ".".repeat(24 - bar.min(24)),
-            100.0 * done,
-            got >> 20,
-            size >> 20,
-            (got - had.min(got)) as f64 / secs / 1048576.0,
-            peers,
-            if peers == 1 { "" } else { "s" }
-        );
+    let mut throttle = crate::api::Throttle::new();
+    let mut show = |finished: bool| {
+        let now = || crate::api::Progress {
+            what: "get".into(),
+            done: store.info(&h).ok().flatten().map_or(0, |i| i.present),
+            total: size,
+            peers: serving(f, &h),
+            files: None,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            finished,
+        };
+        throttle.report(progress, now, finished);
     };
+    show(false);
     let stopped = Err(GetError::Stopped);
     ctx.rt
         .block_on(f.unless_stopped(f.fill(h, size, ctx.read_timeout, &mut || show(false)), stopped))?;
-    show(true);
     // Durable and complete (and announced) before `get` says it is done.
     store.sync_partial(&h)?;
-    if progress {
-        let _ = writeln!(err);
-    }
+    show(true);
     Ok(())
 }
 

@@ -203,7 +203,14 @@ struct Item {
 /// refused before anything is written), then makes the folders, fetches the files (several at
 /// once, each verified; what an interrupted run fetched is kept, so a rerun resumes), writes
 /// them, and makes the symlinks last. Nothing is written through a symlink or outside `dir`.
-pub fn get(store: &Store, n: &NetCtx, root: Hash, dir: &Path, progress: bool, err: &mut dyn Write) -> Result<u8> {
+pub fn get(
+    store: &Store,
+    n: &NetCtx,
+    root: Hash,
+    dir: &Path,
+    progress: &mut dyn FnMut(&crate::api::Progress),
+    err: &mut dyn Write,
+) -> Result<u8> {
     let src = Manifests { store, net: Some(n) };
     let mut items = Vec::new();
     let mut folders = vec![root];
@@ -236,27 +243,18 @@ pub fn get(store: &Store, n: &NetCtx, root: Hash, dir: &Path, progress: bool, er
     let done_bytes = AtomicU64::new(0);
     let done_files = AtomicUsize::new(0);
     let mut failed = 0usize;
-    let mut shown = std::time::Instant::now() - std::time::Duration::from_secs(1);
-    let mut show = |force: bool, err: &mut dyn Write| {
-        if !progress || (!force && shown.elapsed() < std::time::Duration::from_millis(250)) {
-            return;
-        }
-        shown = std::time::Instant::now();
-        let got = done_bytes.load(Ordering::Relaxed);
-        let frac = got as f64 / total.max(1) as f64;
-        let bar = ((frac * 24.0) as usize).min(24);
-        let _ = write!(
-            err,
-            "\r[{}{}] {:5.1}%  {} / {} files  {} / {} MiB  {:.1} MiB/s   ",
-            "#".repeat(bar),
-            ".".repeat(24 - bar),
-            100.0 * frac,
-            done_files.load(Ordering::Relaxed),
-            files,
-            got >> 20,
-            total >> 20,
-            got as f64 / started.elapsed().as_secs_f64().max(0.001) / 1048576.0
-        );
+    let mut throttle = crate::api::Throttle::new();
+    let mut show = |finished: bool, progress: &mut dyn FnMut(&crate::api::Progress)| {
+        let now = || crate::api::Progress {
+            what: "get".into(),
+            done: done_bytes.load(Ordering::Relaxed),
+            total,
+            peers: n.fetcher.known(&root).len(),
+            files: Some((done_files.load(Ordering::Relaxed), files)),
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            finished,
+        };
+        throttle.report(progress, now, finished);
     };
     let f = &n.fetcher;
     // Whoever served the manifests most likely holds the files: asked first, directly.
@@ -309,13 +307,10 @@ pub fn get(store: &Store, n: &NetCtx, root: Hash, dir: &Path, progress: bool, er
             }
             Err(e) => {
                 failed += 1;
-                if progress {
-                    let _ = writeln!(err);
-                }
                 writeln!(err, "swarmfs: {}: {e:#}", i.path.display())?;
             }
         }
-        show(false, err);
+        show(false, progress);
     }
     for i in items.iter().filter(|i| i.entry.kind == EntryKind::Symlink) {
         if let Err(e) = make_symlink(&dir.join(&i.path), &i.entry.target) {
@@ -323,12 +318,9 @@ pub fn get(store: &Store, n: &NetCtx, root: Hash, dir: &Path, progress: bool, er
             writeln!(err, "swarmfs: {}: {e:#}", i.path.display())?;
         }
     }
-    show(true, err);
-    if progress {
-        writeln!(err)?;
-    }
     // One sync for the whole tree: `get` says it is done only once it is on disk.
     sync_fs(dir)?;
+    show(true, progress);
     if failed > 0 {
         writeln!(
             err,

@@ -351,3 +351,43 @@ fn completions_and_the_man_page_come_from_the_command_line_definitions() {
     let bad = run(bin().args(["completions", "nosuchshell"]));
     assert_eq!(bad.status.code(), Some(2));
 }
+
+#[test]
+fn get_draws_a_progress_bar_on_a_terminal_and_nothing_but_the_result_when_piped() {
+    let root = tempfile::tempdir().unwrap();
+    let a = root.path().join("a");
+    let da = Daemon::start(&a, &root.path().join("ma"), &[]);
+    let f = write_file(root.path(), "f", &data(3 << 20, 8));
+    let hash = add_file(&a, &f);
+    let addr = status(&a)["listen"][0].as_str().unwrap().to_string();
+    let b = root.path().join("b");
+    let out = root.path().join("piped");
+    let mut get = swarmfs(&b, &["get", "--no-mdns", "--bootstrap", &addr, &hash, "-o"]);
+    get.arg(&out);
+    let piped = run(get);
+    assert!(piped.status.success());
+    assert!(piped.stdout.is_empty() && piped.stderr.is_empty(), "{piped:?}");
+    assert_eq!(b3(&out), hash);
+    // On a terminal (script(1) gives it one): a bar, then one summary line.
+    let c = root.path().join("c");
+    let tty_out = root.path().join("tty");
+    let line = format!(
+        "{} --data-dir {} get --no-mdns --bootstrap {addr} {hash} -o {}",
+        env!("CARGO_BIN_EXE_swarmfs"),
+        c.display(),
+        tty_out.display()
+    );
+    let mut script = std::process::Command::new("script");
+    script.args(["-qec", &line, "/dev/null"]).env_remove("RUST_LOG");
+    let shown = String::from_utf8_lossy(&ok_bytes(script)).into_owned();
+    assert!(shown.contains("swarmfs: get 3.0 MiB in "), "{shown}");
+    assert!(shown.contains("from 1 peer"), "{shown}");
+    assert_eq!(b3(&tty_out), hash);
+    drop(da);
+}
+
+fn ok_bytes(mut c: std::process::Command) -> Vec<u8> {
+    let out = run(&mut c);
+    assert!(out.status.success(), "{out:?}");
+    out.stdout
+}

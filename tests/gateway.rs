@@ -134,6 +134,21 @@ fn the_gateway_serves_blobs_whole_in_ranges_and_by_etag() {
         .unwrap()
         .contains("filename=\"talk.mkv\""));
 
+    // An HTML blob is a page from anyone: sandboxed, never run as the dashboard's origin.
+    let page = add_file(
+        &a.data,
+        &write_file(
+            root.path(),
+            "p.html",
+            b"<!doctype html><script>fetch('/api/gc',{method:'POST'})</script>",
+        ),
+    );
+    let html = curl(&format!("{ua}/blob/{page}"), &["-I"]);
+    assert_eq!(html.header("content-type"), Some("text/html; charset=utf-8"));
+    assert_eq!(html.header("content-security-policy"), Some("sandbox"));
+    assert_eq!(head.header("content-security-policy"), None);
+    assert_eq!(head.header("x-content-type-options"), Some("nosniff"));
+
     // B holds nothing: the same URL on B fetches from A, verified, as it streams.
     let remote = curl(&format!("{ub}/blob/{hash}"), &[]);
     assert_eq!(remote.status, 200);
