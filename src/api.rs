@@ -209,7 +209,7 @@ pub fn human(n: u64) -> String {
 }
 
 /// What `status` shows.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     #[serde(flatten)]
     pub net: crate::net::NetInfo,
@@ -233,7 +233,7 @@ pub struct Status {
 }
 
 /// What `providers` shows per provider (unknown fields: it did not answer a swarm join).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Provider {
     pub peer: String,
     pub size: Option<u64>,
@@ -260,7 +260,7 @@ pub fn lossy_path<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Erro
 }
 
 /// What `unpin` did to one blob.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Unpinned {
     pub hash: Hash,
     /// A name in the mount that still holds it.
@@ -268,7 +268,7 @@ pub struct Unpinned {
 }
 
 /// What `gc` did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GcReport {
     pub evicted: Vec<BlobInfo>,
     pub cache_used: u64,
@@ -276,13 +276,13 @@ pub struct GcReport {
 }
 
 /// What `verify` found in one blob.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Verified {
     pub hash: Hash,
     /// Blocks that failed, by index; each is 16 KiB at offset `16384 * index`.
     pub corrupt: Vec<u64>,
     /// Set when the blob could not be checked at all.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
@@ -369,6 +369,37 @@ pub enum Event {
     Transfers { transfers: Vec<TransferView> },
 }
 
+/// An operation as data: what the control socket carries for the commands that answer with
+/// one value (the CLI renders the `Reply`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "call", rename_all = "snake_case")]
+pub enum Call {
+    Status,
+    Peers,
+    Blobs,
+    Providers { target: String },
+    Pin { hashes: Vec<Hash> },
+    Unpin { hashes: Vec<Hash> },
+    Gc,
+    Verify { hashes: Vec<Hash> },
+    Connect { addr: String },
+}
+
+/// What a `Call` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", content = "value", rename_all = "snake_case")]
+pub enum Reply {
+    Status(Box<Status>),
+    Peers(Vec<crate::net::PeerDetail>),
+    Blobs(Vec<BlobInfo>),
+    Providers(Vec<Provider>),
+    Pinned(Vec<Hash>),
+    Unpinned(Vec<Unpinned>),
+    Gc(GcReport),
+    Verified(Vec<Verified>),
+    Connected { peers: Vec<String>, failed: Vec<String> },
+}
+
 /// The API over one store, and the node if one runs.
 pub struct Api {
     store: Arc<Store>,
@@ -442,6 +473,27 @@ impl Api {
     /// Sets the cache cap (remembered in the data directory).
     pub fn set_cache_size(&self, cap: u64) -> ApiResult<()> {
         Ok(self.store.set_cache_size(cap)?)
+    }
+
+    /// Runs a `Call`.
+    pub fn call(&self, c: Call) -> ApiResult<Reply> {
+        Ok(match c {
+            Call::Status => Reply::Status(Box::new(self.status()?)),
+            Call::Peers => Reply::Peers(self.peers()?),
+            Call::Blobs => Reply::Blobs(self.blobs()?),
+            Call::Providers { target } => Reply::Providers(self.providers(&target)?),
+            Call::Pin { hashes } => {
+                self.pin(&hashes)?;
+                Reply::Pinned(hashes)
+            }
+            Call::Unpin { hashes } => Reply::Unpinned(self.unpin(&hashes)?),
+            Call::Gc => Reply::Gc(self.gc()?),
+            Call::Verify { hashes } => Reply::Verified(self.verify(&hashes)?),
+            Call::Connect { addr } => {
+                let (peers, failed) = self.connect(&addr)?;
+                Reply::Connected { peers, failed }
+            }
+        })
     }
 
     /// The node: identity, addresses, cache, transfers.

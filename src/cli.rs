@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
-use crate::api::{human, Added, Api, ApiError, ErrorKind, Progress};
+use crate::api::{human, Added, Api, ApiError, Call, ErrorKind, Progress, Reply};
 use crate::hash::Hash;
 use crate::store::{self, Store, StoreError};
 use crate::ticket::Ticket;
@@ -489,6 +489,26 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
     // Check hashes before anything else, so a typo costs nothing.
     hashes(&cli.command)?;
+    // Typed calls go to a running daemon as such, and its reply is rendered here.
+    if let (Some(call), None) = (typed_call(&cli.command)?, cli.cache_size) {
+        let asked = crate::control::call(&dir, &call).with_context(|| {
+            format!(
+                "cannot talk to the daemon at {}",
+                crate::control::socket_path(&dir).display()
+            )
+        })?;
+        if let Some(reply) = asked {
+            let mut out = io::stdout().lock();
+            let mut err = io::stderr();
+            let code = finish(
+                reply
+                    .map_err(anyhow::Error::from)
+                    .and_then(|r| render(&cli, r, &mut out, &mut err)),
+                &mut err,
+            );
+            return Ok(ExitCode::from(code));
+        }
+    }
     let mut bars = Bars::default();
     let tty = io::stderr().is_terminal();
     if let Some(code) =
@@ -803,69 +823,120 @@ pub fn execute(
                 None => cat(store, &hashes[0], out),
             }
         }
-        Command::Providers { hash, .. } => {
-            let rows = api.providers(hash)?;
-            if cli.json {
-                json_out(out, &rows)?;
-            } else {
-                for r in &rows {
-                    match (r.size, r.bytes_held) {
-                        (Some(size), Some(held)) => writeln!(
-                            out,
-                            "{}  {:5.1}%  {} of {}",
-                            r.peer,
-                            100.0 * held as f64 / size.max(1) as f64,
-                            human(held),
-                            human(size)
-                        )?,
-                        _ => writeln!(out, "{}  (did not say what it holds)", r.peer)?,
-                    }
+        Command::Ls { hash: Some(_), .. } => crate::folder_io::list(store, net, &hashes[0], cli.json, out),
+        Command::Providers { .. }
+        | Command::Connect { .. }
+        | Command::Peers
+        | Command::Status
+        | Command::Ls { hash: None, .. }
+        | Command::Pin { .. }
+        | Command::Unpin { .. }
+        | Command::Gc
+        | Command::Verify { .. } => {
+            let call = typed_call(&cli.command)?.expect("a typed command");
+            render(cli, api.call(call)?, out, err)
+        }
+        Command::Mount { .. }
+        | Command::Daemon { .. }
+        | Command::SwarmKey { .. }
+        | Command::Completions { .. }
+        | Command::Man => {
+            bail!("a daemon is already running for this data directory")
+        }
+    }
+}
+
+/// The typed call a command is, if it is one: these go to the daemon as `api::Call`s and come
+/// back as `api::Reply`s, rendered here.
+fn typed_call(cmd: &Command) -> Result<Option<Call>> {
+    let hashes = || -> Result<Vec<Hash>> { hashes(cmd) };
+    Ok(Some(match cmd {
+        Command::Status => Call::Status,
+        Command::Peers => Call::Peers,
+        Command::Ls { hash: None, .. } => Call::Blobs,
+        Command::Providers { hash, .. } => Call::Providers { target: hash.clone() },
+        Command::Pin { .. } => Call::Pin { hashes: hashes()? },
+        Command::Unpin { .. } => Call::Unpin { hashes: hashes()? },
+        Command::Gc => Call::Gc,
+        Command::Verify { .. } => Call::Verify { hashes: hashes()? },
+        Command::Connect { addr } => Call::Connect { addr: addr.clone() },
+        _ => return Ok(None),
+    }))
+}
+
+/// A typed reply for people (or as JSON); returns the exit code.
+fn render(cli: &Cli, reply: Reply, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8> {
+    if cli.json {
+        match &reply {
+            Reply::Status(v) => json_out(out, v)?,
+            Reply::Peers(v) => json_out(out, v)?,
+            Reply::Blobs(v) => json_out(out, v)?,
+            Reply::Providers(v) => json_out(out, v)?,
+            Reply::Pinned(v) => json_out(out, v)?,
+            Reply::Unpinned(v) => json_out(out, v)?,
+            Reply::Gc(v) => json_out(out, &v.evicted)?,
+            Reply::Verified(v) => json_out(out, v)?,
+            Reply::Connected { peers, failed } => {
+                json_out(out, &serde_json::json!({ "peers": peers, "failed": failed }))?
+            }
+        }
+    }
+    match reply {
+        Reply::Providers(rows) => {
+            for r in rows.iter().filter(|_| !cli.json) {
+                match (r.size, r.bytes_held) {
+                    (Some(size), Some(held)) => writeln!(
+                        out,
+                        "{}  {:5.1}%  {} of {}",
+                        r.peer,
+                        100.0 * held as f64 / size.max(1) as f64,
+                        human(held),
+                        human(size)
+                    )?,
+                    _ => writeln!(out, "{}  (did not say what it holds)", r.peer)?,
                 }
             }
             Ok(if rows.is_empty() { 1 } else { 0 })
         }
-        Command::Connect { addr } => {
-            let (reached, failed) = api.connect(addr)?;
+        Reply::Connected { peers, failed } => {
             for f in &failed {
                 writeln!(err, "swarmfs: {f}")?;
             }
-            if cli.json {
-                json_out(out, &serde_json::json!({ "peers": reached, "failed": failed }))?;
-            } else {
-                for p in &reached {
-                    writeln!(out, "{p}")?;
+            for p in peers.iter().filter(|_| !cli.json) {
+                writeln!(out, "{p}")?;
+            }
+            Ok(if peers.is_empty() { 1 } else { 0 })
+        }
+        Reply::Verified(report) => {
+            for r in report.iter().filter(|_| !cli.json) {
+                let h = r.hash;
+                if let Some(e) = &r.error {
+                    writeln!(out, "{h}: cannot verify: {e}")?;
+                } else if r.corrupt.is_empty() {
+                    writeln!(out, "{h}: OK")?;
+                }
+                for &g in &r.corrupt {
+                    let s = g * crate::tree::GROUP_SIZE;
+                    writeln!(out, "{h}: block {g} (bytes {s}..) CORRUPT, dropped")?;
                 }
             }
-            Ok(if reached.is_empty() { 1 } else { 0 })
+            let bad = report.iter().any(|r| r.error.is_some() || !r.corrupt.is_empty());
+            Ok(bad as u8)
         }
-        Command::Peers => {
-            let peers = api.peers()?;
-            if cli.json {
-                json_out(out, &peers)?;
-            } else {
-                for p in &peers {
-                    let rtt = p.rtt_ms.map_or("-".to_string(), |r| format!("{r:.1} ms"));
-                    let how = if p.direct { "direct" } else { "relayed" };
-                    writeln!(out, "{}  {how}  {}  {rtt}", p.peer, p.address)?;
-                }
+        _ if cli.json => Ok(0),
+        Reply::Peers(peers) => {
+            for p in &peers {
+                let rtt = p.rtt_ms.map_or("-".to_string(), |r| format!("{r:.1} ms"));
+                let how = if p.direct { "direct" } else { "relayed" };
+                writeln!(out, "{}  {how}  {}  {rtt}", p.peer, p.address)?;
             }
             Ok(0)
         }
-        Command::Status => {
-            let status = api.status()?;
-            if cli.json {
-                json_out(out, &status)?;
-            } else {
-                render_status(&status, out)?;
-            }
+        Reply::Status(status) => {
+            render_status(&status, out)?;
             Ok(0)
         }
-        Command::Ls { hash: None, .. } => {
-            let list = api.blobs()?;
-            if cli.json {
-                json_out(out, &list)?;
-                return Ok(0);
-            }
+        Reply::Blobs(list) => {
             if io::stdout().is_terminal() {
                 writeln!(out, "{:<64}  {:>10}  {:>10}  PINNED  NAME", "HASH", "SIZE", "PRESENT")?;
             }
@@ -882,71 +953,26 @@ pub fn execute(
             }
             Ok(0)
         }
-        Command::Ls { hash: Some(_), .. } => crate::folder_io::list(store, net, &hashes[0], cli.json, out),
-        Command::Pin { .. } => {
-            api.pin(&hashes)?;
-            if cli.json {
-                json_out(out, &hashes)?;
-            }
-            Ok(0)
-        }
-        Command::Unpin { .. } => {
-            let done = api.unpin(&hashes)?;
-            if cli.json {
-                json_out(out, &done)?;
-            } else {
-                // Unpinned, but a name in the mount still holds it: say which.
-                for u in done {
-                    if let Some(name) = u.held_by {
-                        writeln!(
-                            out,
-                            "{}: unpinned; still held by the name {name:?} in the mount",
-                            u.hash
-                        )?;
-                    }
+        Reply::Pinned(_) => Ok(0),
+        Reply::Unpinned(done) => {
+            // Unpinned, but a name in the mount still holds it: say which.
+            for u in done {
+                if let Some(name) = u.held_by {
+                    writeln!(
+                        out,
+                        "{}: unpinned; still held by the name {name:?} in the mount",
+                        u.hash
+                    )?;
                 }
             }
             Ok(0)
         }
-        Command::Gc => {
-            let r = api.gc()?;
-            if cli.json {
-                json_out(out, &r.evicted)?;
-            } else {
-                for b in &r.evicted {
-                    writeln!(out, "evicted {}  {}", b.hash, human(b.present))?;
-                }
-                writeln!(out, "cache: {} of {} used", human(r.cache_used), human(r.cache_size))?;
+        Reply::Gc(r) => {
+            for b in &r.evicted {
+                writeln!(out, "evicted {}  {}", b.hash, human(b.present))?;
             }
+            writeln!(out, "cache: {} of {} used", human(r.cache_used), human(r.cache_size))?;
             Ok(0)
-        }
-        Command::Verify { .. } => {
-            let report = api.verify(&hashes)?;
-            if cli.json {
-                json_out(out, &report)?;
-            } else {
-                for r in &report {
-                    let h = r.hash;
-                    if let Some(e) = &r.error {
-                        writeln!(out, "{h}: cannot verify: {e}")?;
-                    } else if r.corrupt.is_empty() {
-                        writeln!(out, "{h}: OK")?;
-                    }
-                    for &g in &r.corrupt {
-                        let s = g * crate::tree::GROUP_SIZE;
-                        writeln!(out, "{h}: block {g} (bytes {s}..) CORRUPT, dropped")?;
-                    }
-                }
-            }
-            let bad = report.iter().any(|r| r.error.is_some() || !r.corrupt.is_empty());
-            Ok(bad as u8)
-        }
-        Command::Mount { .. }
-        | Command::Daemon { .. }
-        | Command::SwarmKey { .. }
-        | Command::Completions { .. }
-        | Command::Man => {
-            bail!("a daemon is already running for this data directory")
         }
     }
 }

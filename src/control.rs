@@ -1,10 +1,15 @@
 //! The control socket: while a daemon runs, CLI commands run inside it.
 //!
-//! `DATA_DIR/control.sock`, mode 0600. The client sends one line of JSON, the arguments of
-//! the command as byte strings (paths made absolute; a name need not be UTF-8); the daemon
-//! runs them on its `Api` with the same code the offline CLI runs (the runner it was given:
-//! this module knows nothing of the command line) and streams back frames,
-//! `[tag: u8][len: u32 LE][bytes]`:
+//! `DATA_DIR/control.sock`, mode 0600. The client sends one line of JSON, a request:
+//!
+//! - `{"kind": "call", "call": {...}}`: a typed `api::Call` (status, peers, blobs, providers,
+//!   pin, unpin, gc, verify, connect). The answer is one frame, tag 5, the JSON of
+//!   `Result<api::Reply, api::ApiError>`; the client renders it.
+//! - `{"kind": "run", "args": [[bytes], ...]}`: a command that streams (add, cat, get, ls of a
+//!   folder, share, open), as its command line, each argument as bytes (paths made absolute;
+//!   a name need not be UTF-8). The daemon runs it on its `Api` with the same code the offline
+//!   CLI runs (the runner it was given: this module knows nothing of the command line) and
+//!   streams back frames, `[tag: u8][len: u32 LE][bytes]`:
 //!
 //! - tag 1: bytes for stdout
 //! - tag 2: bytes for stderr
@@ -24,19 +29,22 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{Api, Progress};
+use crate::api::{Api, ApiError, Call, Progress, Reply};
 
 const STDOUT: u8 = 1;
 const STDERR: u8 = 2;
 const EXIT: u8 = 3;
 const PROGRESS: u8 = 4;
+const REPLY: u8 = 5;
 /// Largest request line accepted.
 const MAX_REQUEST: u64 = 1 << 20;
 
-/// The request: the command line to run, each argument as bytes.
+/// A request: a typed call, or a command line to run (each argument as bytes).
 #[derive(Serialize, Deserialize)]
-struct Request {
-    args: Vec<Vec<u8>>,
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Request {
+    Call { call: Call },
+    Run { args: Vec<Vec<u8>> },
 }
 
 /// Runs a command line on the API, writing to stdout and stderr; returns the exit code.
@@ -122,7 +130,18 @@ fn serve(conn: UnixStream, api: &Api, run: &Runner) {
     let res = (|| -> io::Result<()> {
         let mut line = String::new();
         BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line)?;
-        let req: Request = serde_json::from_str(&line).map_err(io::Error::other)?;
+        let args = match serde_json::from_str(&line).map_err(io::Error::other)? {
+            Request::Call { call } => {
+                let reply: Result<Reply, ApiError> = api.call(call);
+                let body = serde_json::to_vec(&reply).map_err(io::Error::other)?;
+                let mut w = FrameWriter {
+                    stream: conn.try_clone()?,
+                    tag: REPLY,
+                };
+                return w.write_all(&body);
+            }
+            Request::Run { args } => args,
+        };
         let mut out = FrameWriter {
             stream: conn.try_clone()?,
             tag: STDOUT,
@@ -131,7 +150,7 @@ fn serve(conn: UnixStream, api: &Api, run: &Runner) {
             stream: conn.try_clone()?,
             tag: STDERR,
         };
-        let args = req.args.into_iter().map(OsString::from_vec).collect();
+        let args = args.into_iter().map(OsString::from_vec).collect();
         let mut bar = FrameWriter {
             stream: conn.try_clone()?,
             tag: PROGRESS,
@@ -152,6 +171,37 @@ fn serve(conn: UnixStream, api: &Api, run: &Runner) {
     }
 }
 
+/// Sends a typed call to the daemon that serves `data_dir` and returns its reply; `None`
+/// when no daemon answers.
+pub fn call(data_dir: &Path, call: &Call) -> io::Result<Option<Result<Reply, ApiError>>> {
+    let conn = match UnixStream::connect(socket_path(data_dir)) {
+        Ok(c) => c,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut line = serde_json::to_string(&Request::Call { call: call.clone() }).map_err(io::Error::other)?;
+    line.push('\n');
+    (&conn).write_all(line.as_bytes())?;
+    let mut r = BufReader::new(&conn);
+    let mut head = [0u8; 5];
+    r.read_exact(&mut head).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("the daemon closed the control connection without a reply ({e})"),
+        )
+    })?;
+    if head[0] != REPLY {
+        return Err(io::Error::other(format!(
+            "unexpected frame {} from the daemon",
+            head[0]
+        )));
+    }
+    let len = u32::from_le_bytes(head[1..].try_into().expect("4 bytes")) as usize;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(Some(serde_json::from_slice(&body).map_err(io::Error::other)?))
+}
+
 /// Runs `args` in the daemon that serves `data_dir`, relaying its output. Returns `None` when
 /// no daemon answers, so the caller opens the store itself.
 pub fn forward(data_dir: &Path, args: Vec<OsString>, progress: &mut dyn FnMut(&Progress)) -> io::Result<Option<u8>> {
@@ -162,7 +212,7 @@ pub fn forward(data_dir: &Path, args: Vec<OsString>, progress: &mut dyn FnMut(&P
     };
     let mut w = &conn;
     let args = args.iter().map(|a| a.as_bytes().to_vec()).collect();
-    let mut line = serde_json::to_string(&Request { args }).map_err(io::Error::other)?;
+    let mut line = serde_json::to_string(&Request::Run { args }).map_err(io::Error::other)?;
     line.push('\n');
     w.write_all(line.as_bytes())?;
     let mut r = BufReader::with_capacity(1 << 20, &conn);

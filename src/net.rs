@@ -254,7 +254,7 @@ pub struct NetOptions {
 }
 
 /// What `status` shows about the node.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct NetInfo {
     pub peer_id: String,
     /// Full multiaddrs, ending in `/p2p/<peer id>`.
@@ -267,7 +267,7 @@ pub struct NetInfo {
 }
 
 /// What `swarmfs peers` shows of one connected peer.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct PeerDetail {
     pub peer: String,
     /// The address of its connection (the first, if it has several).

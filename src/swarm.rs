@@ -93,7 +93,7 @@ impl<const TAU_MS: u64> Rate<TAU_MS> {
 }
 
 /// What `status` shows per peer of a transfer.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct PeerFlow {
     pub peer: String,
     pub received: u64,
@@ -106,7 +106,7 @@ pub struct PeerFlow {
 }
 
 /// What `status` shows per blob being moved.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Transfer {
     pub hash: Hash,
     pub members: usize,

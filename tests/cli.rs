@@ -391,3 +391,37 @@ fn ok_bytes(mut c: std::process::Command) -> Vec<u8> {
     assert!(out.status.success(), "{out:?}");
     out.stdout
 }
+
+#[test]
+fn the_control_socket_carries_typed_calls_and_replies() {
+    use std::io::{Read, Write};
+    let root = tempfile::tempdir().unwrap();
+    let d = root.path().join("d");
+    let daemon = Daemon::start(&d, &root.path().join("m"), &[]);
+    let hash = add_file(&d, &write_file(root.path(), "f", b"typed"));
+    let ask = |req: &str| -> serde_json::Value {
+        let mut s = std::os::unix::net::UnixStream::connect(d.join("control.sock")).unwrap();
+        s.write_all(format!("{req}\n").as_bytes()).unwrap();
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).unwrap();
+        assert_eq!(head[0], 5, "a reply frame");
+        let mut body = vec![0u8; u32::from_le_bytes(head[1..].try_into().unwrap()) as usize];
+        s.read_exact(&mut body).unwrap();
+        serde_json::from_slice(&body).unwrap()
+    };
+    let blobs = ask(r#"{"kind":"call","call":{"call":"blobs"}}"#);
+    assert_eq!(blobs["Ok"]["reply"], "blobs", "{blobs}");
+    assert_eq!(blobs["Ok"]["value"][0]["hash"], hash.as_str());
+    let missing = "0".repeat(64);
+    let err = ask(&format!(
+        r#"{{"kind":"call","call":{{"call":"pin","hashes":["{missing}"]}}}}"#
+    ));
+    assert_eq!(err["Err"]["kind"], "not_found", "{err}");
+    // The CLI renders the same reply, and its exit code follows the error's kind.
+    let out = run(swarmfs(&d, &["pin", &missing]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not in the local store"));
+    let bad = run(swarmfs(&d, &["pin", "xyz"]));
+    assert_eq!(bad.status.code(), Some(2), "a malformed hash is bad input");
+    drop(daemon);
+}

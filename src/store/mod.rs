@@ -107,7 +107,7 @@ impl<T> IoContext<T> for io::Result<T> {
 }
 
 /// What `ls` shows for one blob.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct BlobInfo {
     pub hash: Hash,
     pub size: u64,
@@ -119,7 +119,7 @@ pub struct BlobInfo {
     /// verified under it; true for every complete blob.
     pub size_verified: bool,
     /// A name in the mount that holds the blob (filled in by `ls`).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
 }
 
