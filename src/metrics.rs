@@ -112,36 +112,42 @@ impl Metrics {
             registry: Mutex::new(Registry::default()),
         };
         let r = registry.sub_registry_with_prefix("swarmfs");
-        r.register("served_bytes", "Blob bytes sent to peers", m.bytes_served.clone());
-        r.register(
-            "fetched_bytes",
-            "Blob bytes received from peers",
-            m.bytes_fetched.clone(),
-        );
-        r.register(
-            "groups_verified",
-            "16 KiB groups fetched and verified",
-            m.groups_verified.clone(),
-        );
-        r.register(
-            "groups_failed",
-            "Responses from peers that failed verification",
-            m.groups_failed.clone(),
-        );
+        let counters = [
+            ("served_bytes", "Blob bytes sent to peers", &m.bytes_served),
+            ("fetched_bytes", "Blob bytes received from peers", &m.bytes_fetched),
+            (
+                "groups_verified",
+                "16 KiB groups fetched and verified",
+                &m.groups_verified,
+            ),
+            (
+                "groups_failed",
+                "Responses from peers that failed verification",
+                &m.groups_failed,
+            ),
+        ];
+        for (name, help, c) in counters {
+            r.register(name, help, c.clone());
+        }
         r.register(
             "fetch_latency_seconds",
             "Time from a blob request to the head of its answer",
             m.fetch_latency.clone(),
         );
-        r.register("cache_bytes", "Bytes held in the store", m.cache_bytes.clone());
-        r.register("cache_cap_bytes", "The cache's cap", m.cache_cap.clone());
-        r.register("blobs", "Blobs held, whole or in part", m.blobs.clone());
-        r.register(
-            "active_transfers",
-            "Units of blobs being fetched now",
-            m.active_transfers.clone(),
-        );
-        r.register("peers", "Connected peers", m.peers.clone());
+        let gauges = [
+            ("cache_bytes", "Bytes held in the store", &m.cache_bytes),
+            ("cache_cap_bytes", "The cache's cap", &m.cache_cap),
+            ("blobs", "Blobs held, whole or in part", &m.blobs),
+            (
+                "active_transfers",
+                "Units of blobs being fetched now",
+                &m.active_transfers,
+            ),
+            ("peers", "Connected peers", &m.peers),
+        ];
+        for (name, help, g) in gauges {
+            r.register(name, help, g.clone());
+        }
         r.register("fuse_ops", "FUSE operations by kind", FUSE.ops.clone());
         r.register(
             "fuse_errors",
