@@ -664,18 +664,20 @@ async fn read_range(api: Arc<Api>, h: Hash, size: u64, bytes: Range<u64>) -> Api
 
 /// The bytes of `range`, a chunk at a time, each verified before it is sent: a chunk that
 /// cannot be had (or fails verification) ends the stream with an error, which aborts the
-/// response.
+/// response. The first chunk is one group, and each next one twice the last, up to `CHUNK`:
+/// the first byte goes out as soon as its group verified.
 fn body_of(api: Arc<Api>, h: Hash, size: u64, range: Range<u64>) -> BoxStream<'static, Result<Bytes, io::Error>> {
-    stream::try_unfold(range.start, move |off| {
+    stream::try_unfold((range.start, GROUP_SIZE), move |(off, step)| {
         let api = api.clone();
         let end = range.end;
         async move {
             if off >= end {
                 return Ok(None);
             }
-            let to = ((off / CHUNK + 1) * CHUNK).min(end);
+            // Aligned to `step`, so that chunks after the first fall on group boundaries.
+            let to = ((off / step + 1) * step).min(end);
             match read_range(api, h, size, off..to).await {
-                Ok(data) => Ok(Some((Bytes::from(data), to))),
+                Ok(data) => Ok(Some((Bytes::from(data), (to, (step * 2).min(CHUNK))))),
                 Err(e) => {
                     tracing::warn!(hash = %h, "HTTP: ending the response at byte {off}: {}", e.message);
                     Err(io::Error::other(e.message))
