@@ -303,6 +303,9 @@ pub struct Progress {
     pub elapsed_ms: u64,
     /// The operation ended, and this is its summary.
     pub finished: bool,
+    /// Take the bar off the screen for now: a result line is about to be printed.
+    #[serde(default)]
+    pub pause: bool,
 }
 
 /// Where progress goes: a bar, a control socket frame, or nowhere.
@@ -657,6 +660,27 @@ impl Api {
     /// Stores a file and pins it.
     pub fn add_file(&self, path: &Path) -> ApiResult<(Hash, u64)> {
         match self.store.import_file(path, true) {
+            Err(e @ StoreError::IsDir { .. }) => Err(ApiError::bad(format!(
+                "{:#} (add a folder and what is in it with `swarmfs add -r`)",
+                anyhow::Error::from(e)
+            ))),
+            r => Ok(r?),
+        }
+    }
+
+    /// `add_file`, telling `progress` the bytes read so far about every 200 ms (the import
+    /// runs on a thread of its own meanwhile).
+    pub fn add_file_progress(&self, path: &Path, progress: &mut dyn FnMut(u64)) -> ApiResult<(Hash, u64)> {
+        let read = std::sync::atomic::AtomicU64::new(0);
+        let res = std::thread::scope(|s| {
+            let job = s.spawn(|| self.store.import_file_counted(path, true, &read));
+            while !job.is_finished() {
+                std::thread::sleep(Duration::from_millis(20));
+                progress(read.load(std::sync::atomic::Ordering::Relaxed));
+            }
+            job.join().expect("the import thread")
+        });
+        match res {
             Err(e @ StoreError::IsDir { .. }) => Err(ApiError::bad(format!(
                 "{:#} (add a folder and what is in it with `swarmfs add -r`)",
                 anyhow::Error::from(e)

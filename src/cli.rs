@@ -1031,13 +1031,17 @@ pub struct Bars {
 
 impl Bars {
     pub fn update(&mut self, p: &Progress) {
+        if p.pause {
+            if let Some(b) = self.bar.take() {
+                b.finish_and_clear();
+            }
+            return;
+        }
         let bar = self.bar.get_or_insert_with(|| {
             let b = indicatif::ProgressBar::new(p.total);
-            let style = indicatif::ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {bytes}/{total_bytes}  {bytes_per_sec}  ETA {eta}{msg}",
-            )
-            .map(|s| s.progress_chars("#>-"))
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            let style = indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes}{msg}")
+                .map(|s| s.progress_chars("#>-"))
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
             b.set_style(style);
             b.set_prefix(p.what.clone());
             b
@@ -1046,7 +1050,14 @@ impl Bars {
             bar.set_length(p.total);
         }
         bar.set_position(p.done);
-        let mut msg = String::new();
+        // Rate and ETA from the operation's own clock: a bar taken down for a result line
+        // and drawn again keeps them.
+        let secs = (p.elapsed_ms as f64 / 1000.0).max(0.001);
+        let rate = p.done as f64 / secs;
+        let mut msg = format!("  {}/s", human(rate as u64));
+        if rate > 0.0 && p.total > p.done {
+            msg.push_str(&format!("  ETA {:.0} s", (p.total - p.done) as f64 / rate));
+        }
         if let Some((d, t)) = p.files {
             msg.push_str(&format!("  {d}/{t} files"));
         }
@@ -1057,8 +1068,7 @@ impl Bars {
         if p.finished {
             bar.finish_and_clear();
             self.bar = None;
-            let secs = p.elapsed_ms as f64 / 1000.0;
-            let rate = human((p.done as f64 / secs.max(0.001)) as u64);
+            let rate = human(rate as u64);
             let files = p.files.map_or(String::new(), |(d, _)| format!(", {d} files"));
             let peers = if p.what == "get" {
                 format!(" from {} peer{}", p.peers, if p.peers == 1 { "" } else { "s" })
@@ -1113,6 +1123,15 @@ pub fn b3sum_line(h: &Hash, path: &Path) -> Vec<u8> {
     line
 }
 
+/// What `add` tells its progress bar.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Say {
+    Progress,
+    /// A result line follows: off the screen for now.
+    Pause,
+    Done,
+}
+
 /// Adds files (and with `recursive`, folders); relative paths are read from `cwd` when given
 /// (the client's, in the daemon) and printed as they were given.
 fn add(
@@ -1139,12 +1158,23 @@ fn add(
         .sum();
     let mut done = 0u64;
     let mut throttle = crate::api::Throttle::new();
-    let mut report = |size: u64, finished: bool| {
+    // `size` more bytes are stored; `reading`: bytes of the file being stored now.
+    let mut report = |size: u64, reading: u64, say: Say| {
         done += size;
-        total = total.max(done);
+        total = total.max(done + reading);
+        if say == Say::Pause {
+            progress(&Progress {
+                what: "add".into(),
+                pause: true,
+                ..Progress::default()
+            });
+            return;
+        }
+        let at = done + reading;
+        let finished = say == Say::Done;
         let now = || Progress {
             what: "add".into(),
-            done,
+            done: at,
             total,
             elapsed_ms: started.elapsed().as_millis() as u64,
             finished,
@@ -1152,9 +1182,13 @@ fn add(
         };
         throttle.report(progress, now, finished);
     };
-    let mut line = |a: Added, out: &mut dyn Write| -> Result<()> {
+    let mut line = |a: Added, out: &mut dyn Write, report: &mut dyn FnMut(u64, u64, Say)| -> Result<()> {
         if !a.folder {
-            report(a.size, false);
+            report(a.size, 0, Say::Progress);
+        }
+        if !json {
+            // The bar leaves the screen to the result line; the next report brings it back.
+            report(0, 0, Say::Pause);
         }
         if json {
             added.push(a);
@@ -1182,6 +1216,7 @@ fn add(
                             folder: false,
                         },
                         &mut *out,
+                        &mut report,
                     )
                 },
                 &mut |shown, why| skipped.push(format!("swarmfs: left out {}: {why}", shown.display())),
@@ -1198,6 +1233,7 @@ fn add(
                         folder: true,
                     },
                     &mut *out,
+                    &mut report,
                 )?,
                 Err(e) => {
                     writeln!(err, "swarmfs: {e:#}")?;
@@ -1206,7 +1242,14 @@ fn add(
             }
             continue;
         }
-        match api.add_file(&real) {
+        // A big file reports as it is read (a thread polls the import); a small one just goes.
+        let big = std::fs::metadata(&real).is_ok_and(|m| m.is_file() && m.len() >= 32 << 20);
+        let stored = if big {
+            api.add_file_progress(&real, &mut |reading| report(0, reading, Say::Progress))
+        } else {
+            api.add_file(&real)
+        };
+        match stored {
             Ok((h, size)) => line(
                 Added {
                     hash: h,
@@ -1215,6 +1258,7 @@ fn add(
                     folder: false,
                 },
                 &mut *out,
+                &mut report,
             )?,
             Err(e) if matches!(e.kind, ErrorKind::BadRequest | ErrorKind::Internal) => {
                 writeln!(err, "swarmfs: {e}")?;
@@ -1223,7 +1267,7 @@ fn add(
             Err(e) => return Err(e.into()),
         }
     }
-    report(0, true);
+    report(0, 0, Say::Done);
     if json {
         json_out(out, &added)?;
     }

@@ -751,6 +751,7 @@ pub fn fetch_all(
             files: None,
             elapsed_ms: started.elapsed().as_millis() as u64,
             finished,
+            pause: false,
         };
         throttle.report(progress, now, finished);
     };

@@ -253,6 +253,7 @@ pub fn get(
             files: Some((done_files.load(Ordering::Relaxed), files)),
             elapsed_ms: started.elapsed().as_millis() as u64,
             finished,
+            pause: false,
         };
         throttle.report(progress, now, finished);
     };

@@ -426,3 +426,32 @@ fn metrics_parse_and_move_when_a_blob_is_fetched() {
     assert!(sample(&served, "swarmfs_served_bytes_total") >= want.len() as f64);
     drop((db, da));
 }
+
+#[test]
+fn the_daemon_logs_peers_and_finished_transfers_by_default() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (host(root.path(), "a"), host(root.path(), "b"));
+    let da = Daemon::start(&a.data, &a.mnt, &[]);
+    let want = data(1 << 20, 12);
+    let hash = add_file(&a.data, &write_file(root.path(), "f", &want));
+    // No RUST_LOG: the defaults.
+    let db = Daemon::start_default_log(&b.data, &b.mnt, &["--bootstrap", &addr_of(&a.data)]);
+    assert!(fs::read(b.mnt.join(&hash)).unwrap() == want);
+    let peer_a = status(&a.data)["peer_id"].as_str().unwrap().to_string();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let log = db.log_text();
+            log.contains("peer connected") && log.contains(&peer_a) && log.contains("transfer finished")
+        }),
+        "{}",
+        db.log_text()
+    );
+    assert!(!db.log_text().contains("DEBUG"), "debug lines at the default level");
+    drop(da);
+    assert!(
+        eventually(Duration::from_secs(10), || db.log_text().contains("peer disconnected")),
+        "{}",
+        db.log_text()
+    );
+    drop(db);
+}

@@ -168,6 +168,13 @@ impl Daemon {
         Daemon::launch(swarmfs(data, &["mount"]), data, mnt, extra)
     }
 
+    /// `start` without RUST_LOG: the daemon logs what it logs by default.
+    pub fn start_default_log(data: &Path, mnt: &Path, extra: &[&str]) -> Daemon {
+        let mut cmd = swarmfs(data, &["mount"]);
+        cmd.env("SWARMFS_TEST_DEFAULT_LOG", "1");
+        Daemon::launch(cmd, data, mnt, extra)
+    }
+
     /// `start`, with the daemon in network namespace `ns` (`nsenter --net`): its mount is
     /// still in this process's mount namespace, where the test can read it.
     pub fn start_in_netns(ns: &str, data: &Path, mnt: &Path, extra: &[&str]) -> Daemon {
@@ -205,9 +212,12 @@ impl Daemon {
         if !extra.iter().any(|a| a.starts_with("--http") || *a == "--no-http") {
             cmd.args(["--http", "127.0.0.1:0"]);
         }
+        let default_log = cmd.get_envs().any(|(k, _)| k == "SWARMFS_TEST_DEFAULT_LOG");
+        if !default_log {
+            cmd.env("RUST_LOG", "info");
+        }
         let child = cmd
             .args(extra)
-            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

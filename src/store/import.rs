@@ -8,7 +8,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 use super::meta::{key, Meta, TAG_INLINE, TAG_PRESENT};
@@ -59,6 +59,17 @@ impl Store {
             return Err(StoreError::IsDir { path: path.to_owned() });
         }
         self.import(f, pin, &path.display().to_string())
+    }
+
+    /// `import_file`, adding the bytes read so far to `read` as it goes (for a progress bar
+    /// on another thread).
+    pub fn import_file_counted(&self, path: &Path, pin: bool, read: &AtomicU64) -> Result<(Hash, u64)> {
+        let what = || format!("cannot read {}", path.display());
+        let f = File::open(path).ctx(what)?;
+        if f.metadata().ctx(what)?.is_dir() {
+            return Err(StoreError::IsDir { path: path.to_owned() });
+        }
+        self.import(Counted { inner: f, read }, pin, &path.display().to_string())
     }
 
     /// Imports everything `r` yields.
@@ -210,4 +221,18 @@ fn write_stage(data: &File, hashed: Receiver<(Vec<u8>, usize)>, free: SyncSender
         let _ = free.send(buf);
     }
     Ok(())
+}
+
+/// A reader that counts what it reads.
+struct Counted<'a, R> {
+    inner: R,
+    read: &'a AtomicU64,
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
 }
