@@ -183,6 +183,17 @@ impl From<std::io::Error> for ApiError {
 /// The API's result type.
 pub type ApiResult<T> = Result<T, ApiError>;
 
+/// The result of storing a file: a folder given where a file was expected is bad input.
+fn added(r: crate::store::Result<(Hash, u64)>) -> ApiResult<(Hash, u64)> {
+    match r {
+        Err(e @ StoreError::IsDir { .. }) => Err(ApiError::bad(format!(
+            "{:#} (add a folder and what is in it with `swarmfs add -r`)",
+            anyhow::Error::from(e)
+        ))),
+        r => Ok(r?),
+    }
+}
+
 /// Parses a hash, or a ticket (which holds one, and peers that had it).
 pub fn parse_target(s: &str) -> ApiResult<(Hash, Option<Ticket>)> {
     if s.trim_start().starts_with(crate::ticket::PREFIX) {
@@ -463,11 +474,6 @@ impl Api {
         self.events.subscribe()
     }
 
-    /// Publishes an event to every subscriber.
-    pub fn publish(&self, e: Event) {
-        let _ = self.events.send(e);
-    }
-
     /// Where the HTTP gateway listens, once it does.
     pub fn set_http(&self, addr: Option<String>) {
         *self.http.lock().unwrap_or_else(|e| e.into_inner()) = addr;
@@ -659,13 +665,7 @@ impl Api {
 
     /// Stores a file and pins it.
     pub fn add_file(&self, path: &Path) -> ApiResult<(Hash, u64)> {
-        match self.store.import_file(path, true) {
-            Err(e @ StoreError::IsDir { .. }) => Err(ApiError::bad(format!(
-                "{:#} (add a folder and what is in it with `swarmfs add -r`)",
-                anyhow::Error::from(e)
-            ))),
-            r => Ok(r?),
-        }
+        added(self.store.import_file(path, true))
     }
 
     /// `add_file`, telling `progress` the bytes read so far about every 200 ms (the import
@@ -680,13 +680,7 @@ impl Api {
             }
             job.join().expect("the import thread")
         });
-        match res {
-            Err(e @ StoreError::IsDir { .. }) => Err(ApiError::bad(format!(
-                "{:#} (add a folder and what is in it with `swarmfs add -r`)",
-                anyhow::Error::from(e)
-            ))),
-            r => Ok(r?),
-        }
+        added(res)
     }
 
     /// Stores what `r` yields and pins it (an upload).

@@ -274,7 +274,7 @@ pub struct NetArgs {
     pub no_mdns: bool,
 }
 
-pub use crate::api::NetCtx;
+use crate::api::NetCtx;
 
 /// `DATA_DIR/config.json`: settings kept with the data.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -1038,7 +1038,9 @@ impl Bars {
             return;
         }
         let bar = self.bar.get_or_insert_with(|| {
-            let b = indicatif::ProgressBar::new(p.total);
+            // At its position from the first draw: a bar drawn again after a result line
+            // does not flash back to 0.
+            let b = indicatif::ProgressBar::new(p.total).with_position(p.done);
             let style = indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes}{msg}")
                 .map(|s| s.progress_chars("#>-"))
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());

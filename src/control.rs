@@ -171,13 +171,20 @@ fn serve(conn: UnixStream, api: &Api, run: &Runner) {
     }
 }
 
+/// A connection to the daemon's control socket; `None` when no daemon listens.
+fn connect(data_dir: &Path) -> io::Result<Option<UnixStream>> {
+    match UnixStream::connect(socket_path(data_dir)) {
+        Ok(c) => Ok(Some(c)),
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Sends a typed call to the daemon that serves `data_dir` and returns its reply; `None`
 /// when no daemon answers.
 pub fn call(data_dir: &Path, call: &Call) -> io::Result<Option<Result<Reply, ApiError>>> {
-    let conn = match UnixStream::connect(socket_path(data_dir)) {
-        Ok(c) => c,
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
-        Err(e) => return Err(e),
+    let Some(conn) = connect(data_dir)? else {
+        return Ok(None);
     };
     let mut line = serde_json::to_string(&Request::Call { call: call.clone() }).map_err(io::Error::other)?;
     line.push('\n');
@@ -205,10 +212,8 @@ pub fn call(data_dir: &Path, call: &Call) -> io::Result<Option<Result<Reply, Api
 /// Runs `args` in the daemon that serves `data_dir`, relaying its output. Returns `None` when
 /// no daemon answers, so the caller opens the store itself.
 pub fn forward(data_dir: &Path, args: Vec<OsString>, progress: &mut dyn FnMut(&Progress)) -> io::Result<Option<u8>> {
-    let conn = match UnixStream::connect(socket_path(data_dir)) {
-        Ok(c) => c,
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
-        Err(e) => return Err(e),
+    let Some(conn) = connect(data_dir)? else {
+        return Ok(None);
     };
     let mut w = &conn;
     let args = args.iter().map(|a| a.as_bytes().to_vec()).collect();

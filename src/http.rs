@@ -497,14 +497,16 @@ async fn blob(
 ) -> Answer<Response> {
     let h = parse_hash(&h)?;
     let size = gw.api.size(h).await?;
+    let mut head = None;
     if q.format.as_deref() != Some("raw") && size <= crate::folder::PART_BYTES as u64 {
-        let head = head_bytes(&gw, h, size).await?;
-        if crate::folder::looks_like_manifest(&head) {
+        let first = head_bytes(&gw, h, size).await?;
+        if crate::folder::looks_like_manifest(&first) {
             let to = format!("/blob/{h}/");
             return Ok((StatusCode::MOVED_PERMANENTLY, [(header::LOCATION, to)]).into_response());
         }
+        head = Some(first);
     }
-    serve_blob(&gw, h, size, q.filename.as_deref(), &method, &headers).await
+    serve_blob(&gw, h, size, head, q.filename.as_deref(), &method, &headers).await
 }
 
 /// `/blob/FOLDER/` and `/blob/FOLDER/a/b`: one handler for both routes.
@@ -555,7 +557,7 @@ async fn in_folder(
                 .filename
                 .clone()
                 .or_else(|| shown.rsplit('/').next().map(str::to_string));
-            serve_blob(&gw, e.hash, size, name.as_deref(), &method, &headers).await
+            serve_blob(&gw, e.hash, size, None, name.as_deref(), &method, &headers).await
         }
         Some(Resolved::Folder(_, entries)) => {
             if !path.is_empty() && !path.ends_with('/') {
@@ -738,11 +740,12 @@ fn parse_ranges(v: &str, size: u64) -> Result<Option<Vec<Range<u64>>>, ()> {
 }
 
 /// A blob as an HTTP response: 200, 206 (one range, or several as multipart/byteranges),
-/// 304 or 416; `HEAD` without a body.
+/// 304 or 416; `HEAD` without a body. `head`: its first bytes, if the caller read them.
 async fn serve_blob(
     gw: &Gw,
     h: Hash,
     size: u64,
+    head: Option<Vec<u8>>,
     filename: Option<&str>,
     method: &Method,
     headers: &HeaderMap,
@@ -762,7 +765,10 @@ async fn serve_blob(
             return Ok((StatusCode::NOT_MODIFIED, common).into_response());
         }
     }
-    let head = head_bytes(gw, h, size).await?;
+    let head = match head {
+        Some(b) => b,
+        None => head_bytes(gw, h, size).await?,
+    };
     let ctype = content_type(&head, filename);
     // A blob is anyone's content: a page (HTML, SVG, XML) runs in a sandbox, never as this
     // origin (whose API it could otherwise call). Other types are shown as what they are

@@ -425,3 +425,37 @@ fn the_control_socket_carries_typed_calls_and_replies() {
     assert_eq!(bad.status.code(), Some(2), "a malformed hash is bad input");
     drop(daemon);
 }
+
+#[test]
+fn add_of_a_big_file_reports_within_it_and_its_result_line_stands_alone() {
+    let root = tempfile::tempdir().unwrap();
+    let f = root.path().join("big");
+    random_file(&f, 40);
+    let line = format!(
+        "{} --data-dir {} add {}",
+        env!("CARGO_BIN_EXE_swarmfs"),
+        root.path().join("d").display(),
+        f.display()
+    );
+    let mut script = std::process::Command::new("script");
+    script.args(["-qec", &line, "/dev/null"]).env_remove("RUST_LOG");
+    let shown = String::from_utf8_lossy(&ok_bytes(script)).into_owned();
+    // A bar drawn before the file was read to its end (without the in-file report, the
+    // first report comes once the whole file is stored).
+    let partial = shown.split(['\r', '\n']).any(|seg| {
+        // "add [###>---] 25.00 MiB/40.00 MiB ...": done strictly between 0 and the whole.
+        let done = seg.split("] ").nth(1).and_then(|p| p.split("/40.00 MiB").next());
+        seg.contains("add [") && done.is_some_and(|d| d != "0 B" && d != "40.00 MiB" && !d.contains('/'))
+    });
+    assert!(partial, "no bar within the file: {shown:?}");
+    // The result line is never drawn over: the text before it on its terminal line is at
+    // most the bar's clearing sequence.
+    let hash = b3(&f);
+    let at = shown.find(&hash).expect("the result line");
+    let before = &shown[shown[..at].rfind(['\r', '\n']).map_or(0, |i| i + 1)..at];
+    assert!(
+        before.is_empty() || before == "\x1b[2K",
+        "bar text before the result: {before:?}"
+    );
+    assert!(shown.contains("swarmfs: add 40.0 MiB in "), "{shown:?}");
+}
