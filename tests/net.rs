@@ -317,7 +317,28 @@ async fn a_member_that_claims_to_fetch_everything_keeps_nobody_off_the_seeder() 
     // unsettled; from then on B's claims are ignored and C takes the rest from A.
     let c = node(&[&a.addr], false).await;
     until_found(&c, h, b.net.peer_id()).await;
+    // C learns the size and joins both before it fills, so that it knows A for a seeder and
+    // has B's claims from its first round (else it may ask A for everything at once, before
+    // A's map arrives, and never put B's claims to the test).
+    c.net.fetch(a.net.peer_id(), h, vec![groups - 1..groups]).await.unwrap();
+    let joined = std::time::Instant::now();
+    c.net.join(h, a.net.peer_id());
+    c.net.join(h, b.net.peer_id());
+    let mut ready = false;
+    for _ in 0..100 {
+        ready = c.net.swarms.is_complete(&h, &a.net.peer_id()) && !c.net.swarms.fetching(&h).is_empty();
+        if ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "C did not learn A's map and B's claims");
     fill_whole(&c, h, &bytes, Duration::from_secs(40)).await;
+    // The claims held C off the seeder until the first lapsed, 8 s after it came (after the join).
+    assert!(
+        joined.elapsed() > Duration::from_secs(7),
+        "C took the claimed groups from A at once"
+    );
     // B goes on claiming, and C goes on ignoring it.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(c.net.swarms.is_member(&h, &b.net.peer_id()));
@@ -366,11 +387,19 @@ async fn two_peers_that_join_each_other_at_once_stay_members() {
         }
         b.net.join(h, c.net.peer_id());
         c.net.join(h, b.net.peer_id());
+        let both = || b.net.swarms.is_member(&h, &c.net.peer_id()) && c.net.swarms.is_member(&h, &b.net.peer_id());
+        // Joined (however long a loaded machine takes), and still joined a while later.
+        let mut joined = false;
+        for _ in 0..100 {
+            joined = both();
+            if joined {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(joined, "blob {round}: the two never became members of each other");
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(
-            b.net.swarms.is_member(&h, &c.net.peer_id()) && c.net.swarms.is_member(&h, &b.net.peer_id()),
-            "blob {round}: a stream that the other side kept was closed"
-        );
+        assert!(both(), "blob {round}: a stream that the other side kept was closed");
     }
 }
 
