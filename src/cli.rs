@@ -937,7 +937,10 @@ fn render(cli: &Cli, reply: Reply, out: &mut dyn Write, err: &mut dyn Write) -> 
             Ok(0)
         }
         Reply::Blobs(list) => {
-            if io::stdout().is_terminal() {
+            // Human sizes for people; bytes, as before, for scripts reading a pipe.
+            let tty = io::stdout().is_terminal();
+            let size = |n: u64| if tty { human(n) } else { n.to_string() };
+            if tty {
                 writeln!(out, "{:<64}  {:>10}  {:>10}  PINNED  NAME", "HASH", "SIZE", "PRESENT")?;
             }
             for b in list {
@@ -947,8 +950,8 @@ fn render(cli: &Cli, reply: Reply, out: &mut dyn Write, err: &mut dyn Write) -> 
                     out,
                     "{}  {:>10}  {:>10}  {pinned:<6}  {name}",
                     b.hash,
-                    human(b.size),
-                    human(b.present)
+                    size(b.size),
+                    size(b.present)
                 )?;
             }
             Ok(0)

@@ -85,6 +85,8 @@ pub struct Server {
     /// Set when the server is dropped; the accepting thread then ends (and lets go of the API,
     /// and so of the store).
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Disconnected when the accepting thread has let go of the API.
+    ended: std::sync::mpsc::Receiver<()>,
 }
 
 impl Server {
@@ -97,7 +99,12 @@ impl Server {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopped = stop.clone();
+        let (end, ended) = std::sync::mpsc::channel();
         std::thread::Builder::new().name("control".into()).spawn(move || {
+            // Dropped when this thread ends, after `api` (a later local, dropped first): the
+            // server's drop waits for that.
+            let _end = end;
+            let api = api;
             for conn in listener.incoming() {
                 if stopped.load(std::sync::atomic::Ordering::SeqCst) {
                     return;
@@ -113,7 +120,7 @@ impl Server {
                 }
             }
         })?;
-        Ok(Server { path, stop })
+        Ok(Server { path, stop, ended })
     }
 }
 
@@ -123,6 +130,12 @@ impl Drop for Server {
         // Wakes the accepting thread, which sees the flag and ends.
         let _ = UnixStream::connect(&self.path);
         let _ = std::fs::remove_file(&self.path);
+        // Wait (not for ever) until it has let go of the API, so that a daemon that returned
+        // has let go of its store: another can open the data directory at once.
+        let waited = self.ended.recv_timeout(std::time::Duration::from_secs(2));
+        if waited == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            tracing::warn!("the control socket's thread did not end within 2 s");
+        }
     }
 }
 

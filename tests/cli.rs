@@ -161,6 +161,20 @@ fn pin_unpin_gc_through_the_cli() {
 }
 
 #[test]
+fn ls_into_a_pipe_prints_sizes_in_bytes() {
+    let store = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let f = write_file(src.path(), "f", &data((1 << 20) + 5, 3));
+    let mut add = swarmfs(store.path(), &["add"]);
+    add.arg(&f);
+    let h = ok(add)[..64].to_string();
+    // For scripts: bytes, not "1.0 MiB", and no header.
+    let ls = ok(swarmfs(store.path(), &["ls"]));
+    let row: Vec<&str> = ls.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(row[..3], [h.as_str(), "1048581", "1048581"], "{ls}");
+}
+
+#[test]
 fn help_shows_an_example_for_each_command() {
     let help = ok({
         let mut c = bin();

@@ -51,6 +51,10 @@ pub struct Index {
     state: RwLock<State>,
     /// Changes not yet known durable. Lock order: the journal, then the state.
     journal: Mutex<Journal>,
+    /// The data directory's lock (one process per data directory), let go only after the
+    /// database (`state` is declared, so dropped, first): whoever takes the lock next finds
+    /// the database free too.
+    _dir_lock: Option<std::fs::File>,
 }
 
 struct State {
@@ -108,13 +112,19 @@ impl Index {
     /// Opens (creating if needed) the database at `path`, with `cache` bytes of sled cache.
     pub fn open(path: &Path, cache: u64) -> Result<Arc<Index>> {
         let db = Self::config(path, cache).open()?;
-        Ok(Self::over(Some(path.to_owned()), cache, db))
+        Ok(Self::over(Some(path.to_owned()), cache, db, None))
+    }
+
+    /// As `open`, and keeps `lock` (the data directory's) until the database is closed.
+    pub fn open_holding(path: &Path, cache: u64, lock: std::fs::File) -> Result<Arc<Index>> {
+        let db = Self::config(path, cache).open()?;
+        Ok(Self::over(Some(path.to_owned()), cache, db, Some(lock)))
     }
 
     /// A database that lives only in memory and a temporary file (tests).
     pub fn temporary() -> Result<Arc<Index>> {
         let db = sled::Config::new().temporary(true).open()?;
-        Ok(Self::over(None, 0, db))
+        Ok(Self::over(None, 0, db, None))
     }
 
     fn config(path: &Path, cache: u64) -> sled::Config {
@@ -125,7 +135,7 @@ impl Index {
             .flush_every_ms(None)
     }
 
-    fn over(path: Option<PathBuf>, cache: u64, db: sled::Db) -> Arc<Index> {
+    fn over(path: Option<PathBuf>, cache: u64, db: sled::Db, lock: Option<std::fs::File>) -> Arc<Index> {
         Arc::new(Index {
             path,
             cache,
@@ -135,6 +145,7 @@ impl Index {
                 generation: 0,
             }),
             journal: Mutex::new(Journal::default()),
+            _dir_lock: lock,
         })
     }
 

@@ -140,8 +140,6 @@ pub struct Store {
     index: Arc<Index>,
     /// Flushes the index every second; stopped before the store goes.
     _flusher: index::Flusher,
-    /// Held for the life of the store: one process per data directory.
-    _lock: File,
     cap: AtomicU64,
     /// Bytes held locally, complete and partial, pinned or not.
     used: AtomicU64,
@@ -189,7 +187,8 @@ impl Store {
             dir: dir.to_owned(),
             source,
         };
-        let index = Index::open(&dir.join("index"), 8 << 20).map_err(db_err)?;
+        // The index keeps the lock: it is let go when the last user of the database has gone.
+        let index = Index::open_holding(&dir.join("index"), 8 << 20, lock).map_err(db_err)?;
         // sled makes its files as the umask says; their directory keeps them private.
         owner_only(&dir.join("index"))?;
         let db = index.table(None).map_err(db_err)?;
@@ -201,7 +200,6 @@ impl Store {
             db,
             _flusher: index.start_flusher(),
             index,
-            _lock: lock,
             cap: AtomicU64::new(DEFAULT_CACHE_SIZE),
             used: AtomicU64::new(0),
             write: Mutex::new(()),
