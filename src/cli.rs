@@ -377,7 +377,8 @@ fn share_target(store: &Store, s: &str, cwd: Option<&Path>) -> Result<Hash> {
     }
     if path.is_dir() {
         let mut skip = |p: &Path, why: &str| tracing::warn!("share: left out {}: {why}", p.display());
-        return Ok(crate::folder_io::add_dir(store, &path, &path, &mut |_, _, _| Ok(()), &mut skip)?.0);
+        let import = &mut |p: &Path| Ok(store.import_file(p, true)?);
+        return Ok(crate::folder_io::add_dir(store, &path, &path, import, &mut |_, _, _| Ok(()), &mut skip)?.0);
     }
     Ok(store.import_file(&path, true)?.0)
 }
@@ -1152,14 +1153,19 @@ fn add(
     let store = api.store();
     let mut failed = false;
     let mut added = Vec::new();
-    // Progress a file at a time: the bytes of the files named, once each is stored (a
-    // folder's files count as they come, beyond the first total).
+    // Progress over the bytes of the files named and of the files beneath the folders named
+    // (walked first: a stat is cheap beside hashing), a file of 32 MiB or more as it is read.
     let started = std::time::Instant::now();
     let mut total: u64 = paths
         .iter()
-        .filter_map(|p| std::fs::metadata(cwd.map_or_else(|| p.clone(), |c| c.join(p))).ok())
-        .filter(|m| m.is_file())
-        .map(|m| m.len())
+        .map(|p| {
+            let real = cwd.map_or_else(|| p.clone(), |c| c.join(p));
+            match std::fs::metadata(&real) {
+                Ok(m) if m.is_file() => m.len(),
+                Ok(m) if m.is_dir() && recursive => crate::folder_io::bytes_beneath(&real),
+                _ => 0,
+            }
+        })
         .sum();
     let mut done = 0u64;
     let mut throttle = crate::api::Throttle::new();
@@ -1204,14 +1210,26 @@ fn add(
         }
         Ok(())
     };
+    // A big file reports as it is read (a thread polls the import); a small one just goes.
+    let import = |path: &Path, report: &mut dyn FnMut(u64, u64, Say)| {
+        let big = std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() >= 32 << 20);
+        if big {
+            api.add_file_progress(path, &mut |reading| report(0, reading, Say::Progress))
+        } else {
+            api.add_file(path)
+        }
+    };
     for p in paths {
         let real = cwd.map_or_else(|| p.clone(), |c| c.join(p));
         if recursive && real.is_dir() {
             let mut skipped = Vec::new();
+            // Both the import (bytes read) and each result line report: one at a time.
+            let shared = std::cell::RefCell::new(&mut report);
             let res = crate::folder_io::add_dir(
                 store,
                 &real,
                 p,
+                &mut |path| Ok(import(path, &mut **shared.borrow_mut())?),
                 &mut |h, size, shown| {
                     line(
                         Added {
@@ -1221,7 +1239,7 @@ fn add(
                             folder: false,
                         },
                         &mut *out,
-                        &mut report,
+                        &mut **shared.borrow_mut(),
                     )
                 },
                 &mut |shown, why| skipped.push(format!("swarmfs: left out {}: {why}", shown.display())),
@@ -1247,14 +1265,7 @@ fn add(
             }
             continue;
         }
-        // A big file reports as it is read (a thread polls the import); a small one just goes.
-        let big = std::fs::metadata(&real).is_ok_and(|m| m.is_file() && m.len() >= 32 << 20);
-        let stored = if big {
-            api.add_file_progress(&real, &mut |reading| report(0, reading, Say::Progress))
-        } else {
-            api.add_file(&real)
-        };
-        match stored {
+        match import(&real, &mut report) {
             Ok((h, size)) => line(
                 Added {
                     hash: h,

@@ -20,14 +20,18 @@ use crate::store::Store;
 /// Files fetched at once by `get` of a folder: small files are dominated by round trips.
 const PARALLEL_FILES: usize = 16;
 
-/// Stores the folder at `real` and everything in it (files and manifests pinned). Calls
-/// `file` for each file stored, with its path under `shown`, and `skip` for each entry left
-/// out (sockets, pipes, devices, absolute symlinks). Returns the folder's hash and the bytes
-/// of files beneath.
+/// How a file is stored (and pinned) by `add_dir`: its hash and size.
+pub type Import<'a> = &'a mut dyn FnMut(&Path) -> Result<(Hash, u64)>;
+
+/// Stores the folder at `real` and everything in it (files and manifests pinned), each file
+/// with `import`. Calls `file` for each file stored, with its path under `shown`, and `skip`
+/// for each entry left out (sockets, pipes, devices, absolute symlinks). Returns the folder's
+/// hash and the bytes of files beneath.
 pub fn add_dir(
     store: &Store,
     real: &Path,
     shown: &Path,
+    import: Import,
     file: &mut dyn FnMut(&Hash, u64, &Path) -> Result<()>,
     skip: &mut dyn FnMut(&Path, &str),
 ) -> Result<(Hash, u64)> {
@@ -40,9 +44,7 @@ pub fn add_dir(
         let meta = std::fs::symlink_metadata(&path).with_context(|| format!("cannot stat {}", path.display()))?;
         let t = meta.file_type();
         if t.is_file() {
-            let (h, size) = store
-                .import_file(&path, true)
-                .with_context(|| format!("cannot add {}", path.display()))?;
+            let (h, size) = import(&path).with_context(|| format!("cannot add {}", path.display()))?;
             file(&h, size, &show)?;
             entries.push(Entry::file(
                 name.as_bytes(),
@@ -51,7 +53,7 @@ pub fn add_dir(
                 folder::is_exec(meta.permissions().mode()),
             ));
         } else if t.is_dir() {
-            let (h, total) = add_dir(store, &path, &show, file, skip)?;
+            let (h, total) = add_dir(store, &path, &show, import, file, skip)?;
             entries.push(Entry::folder(name.as_bytes(), total, h));
         } else if t.is_symlink() {
             let target = std::fs::read_link(&path).with_context(|| format!("cannot read link {}", path.display()))?;
@@ -65,6 +67,19 @@ pub fn add_dir(
         }
     }
     publish(store, entries, true).with_context(|| format!("cannot add folder {}", real.display()))
+}
+
+/// The bytes of the files beneath folder `real` (symlinks not followed, unreadable parts
+/// left out): what `add_dir` will read, known before it starts.
+pub fn bytes_beneath(real: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(real) else { return 0 };
+    rd.flatten()
+        .map(|d| match d.metadata() {
+            Ok(m) if m.is_file() => m.len(),
+            Ok(m) if m.is_dir() => bytes_beneath(&d.path()),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Stores the manifests of a folder with `entries` (pinned if `pin`), each announced as it is

@@ -400,12 +400,6 @@ fn get_draws_a_progress_bar_on_a_terminal_and_nothing_but_the_result_when_piped(
     drop(da);
 }
 
-fn ok_bytes(mut c: std::process::Command) -> Vec<u8> {
-    let out = run(&mut c);
-    assert!(out.status.success(), "{out:?}");
-    out.stdout
-}
-
 #[test]
 fn the_control_socket_carries_typed_calls_and_replies() {
     use std::io::{Read, Write};
@@ -438,6 +432,34 @@ fn the_control_socket_carries_typed_calls_and_replies() {
     let bad = run(swarmfs(&d, &["pin", "xyz"]));
     assert_eq!(bad.status.code(), Some(2), "a malformed hash is bad input");
     drop(daemon);
+}
+
+#[test]
+fn add_r_of_a_folder_reports_over_its_whole_size_and_within_its_big_files() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("folder");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    random_file(&dir.join("sub/big"), 40);
+    let line = format!(
+        "{} --data-dir {} add -r {}",
+        env!("CARGO_BIN_EXE_swarmfs"),
+        root.path().join("d").display(),
+        dir.display()
+    );
+    let mut script = std::process::Command::new("script");
+    script.args(["-qec", &line, "/dev/null"]).env_remove("RUST_LOG");
+    let shown = String::from_utf8_lossy(&ok_bytes(script)).into_owned();
+    // "add [###>---] 25.00 MiB/40.00 MiB ...": a bar drawn within the big file, over the
+    // folder's whole size. Without the walk first the whole is only what was read (done ==
+    // total); without the report within the file no bar comes before its end.
+    let partial = shown.split(['\r', '\n']).any(|seg| {
+        let done = seg.split("] ").nth(1).and_then(|p| p.split("/40.00 MiB").next());
+        seg.contains("add [") && done.is_some_and(|d| d != "0 B" && d != "40.00 MiB" && !d.contains('/'))
+    });
+    assert!(partial, "no bar within the file, over the folder's size: {shown:?}");
+    let hash = b3(&dir.join("sub/big"));
+    assert!(shown.contains(&hash), "{shown:?}");
+    assert!(shown.contains("swarmfs: add 40.0 MiB in "), "{shown:?}");
 }
 
 #[test]

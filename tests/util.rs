@@ -129,6 +129,13 @@ pub fn ok(mut cmd: impl BorrowMut<Command>) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `ok` for output that need not be UTF-8 (names as bytes, terminal drawing).
+pub fn ok_bytes(mut cmd: impl BorrowMut<Command>) -> Vec<u8> {
+    let out = run(cmd.borrow_mut());
+    assert!(out.status.success(), "{out:?}");
+    out.stdout
+}
+
 /// Runs and insists on failure; returns stderr as text.
 pub fn fails(mut cmd: impl BorrowMut<Command>) -> String {
     let cmd = cmd.borrow_mut();
