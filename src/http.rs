@@ -509,46 +509,58 @@ async fn blob(
     serve_blob(&gw, h, size, head, q.filename.as_deref(), &method, &headers).await
 }
 
-/// `/blob/FOLDER/` and `/blob/FOLDER/a/b`: one handler for both routes.
+/// `/blob/FOLDER/` and `/blob/FOLDER/a/b`: one handler for both routes. The path is taken
+/// from the URI as it came and decoded to bytes here, as names in a folder need not be UTF-8
+/// (axum's `Path` refuses those).
 async fn blob_path(
     State(gw): State<Gw>,
-    UrlPath(params): UrlPath<std::collections::HashMap<String, String>>,
+    uri: axum::http::Uri,
     Query(q): Query<BlobQuery>,
     method: Method,
     headers: HeaderMap,
 ) -> Answer<Response> {
-    let h = params.get("hash").cloned().unwrap_or_default();
-    let path = params.get("path").cloned().unwrap_or_default();
-    in_folder(gw, h, path, q, method, headers).await
+    let rest = uri.path().strip_prefix("/blob/").unwrap_or_default();
+    let (h, raw) = rest.split_once('/').unwrap_or((rest, ""));
+    in_folder(gw, h.to_string(), raw.to_string(), q, method, headers).await
 }
 
 /// `/blob/FOLDER/a/b`: a file in a folder (served as a blob), or a folder's HTML listing.
+/// `raw` is the path after the folder's hash, still percent-encoded.
 async fn in_folder(
     gw: Gw,
     h: String,
-    path: String,
+    raw: String,
     q: BlobQuery,
     method: Method,
     headers: HeaderMap,
 ) -> Answer<Response> {
     let root = parse_hash(&h)?;
-    let names: Vec<String> = path.split('/').filter(|s| !s.is_empty()).map(str::to_string).collect();
-    if names.iter().any(|n| n == "." || n == "..") {
+    let names: Vec<Vec<u8>> = raw
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| percent_encoding::percent_decode_str(s).collect())
+        .collect();
+    if names.iter().any(|n| n == b"." || n == b"..") {
         return Err(ApiError::bad("a path in a folder has no '.' or '..'").into());
     }
-    let shown = path.clone();
+    // For messages, titles and the file's name: the path as text (lossy where not UTF-8).
+    let path = names
+        .iter()
+        .map(|n| String::from_utf8_lossy(n))
+        .collect::<Vec<_>>()
+        .join("/");
     let found = blocking(&gw, move |a| {
-        let parts: Vec<&[u8]> = names.iter().map(|n| n.as_bytes()).collect();
+        let parts: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
         Ok(crate::folder_io::resolve(a.store(), a.net(), root, &parts)?)
     })
     .await?;
     match found {
-        None => Err(ApiError::not_found(format!("folder {root} has no file or folder {shown:?}")).into()),
+        None => Err(ApiError::not_found(format!("folder {root} has no file or folder {path:?}")).into()),
         Some(Resolved::File(e)) => {
             let size = gw.api.size(e.hash).await?;
             if size != e.size {
                 return Err(ApiError::internal(format!(
-                    "{shown:?}: its folder says {} bytes, the blob has {size}",
+                    "{path:?}: its folder says {} bytes, the blob has {size}",
                     e.size
                 ))
                 .into());
@@ -556,12 +568,13 @@ async fn in_folder(
             let name = q
                 .filename
                 .clone()
-                .or_else(|| shown.rsplit('/').next().map(str::to_string));
+                .or_else(|| path.rsplit('/').next().map(str::to_string));
             serve_blob(&gw, e.hash, size, None, name.as_deref(), &method, &headers).await
         }
         Some(Resolved::Folder(_, entries)) => {
-            if !path.is_empty() && !path.ends_with('/') {
-                let to = format!("/blob/{root}/{path}/");
+            // A folder's relative links need its URL to end in '/'.
+            if !raw.is_empty() && !raw.ends_with('/') {
+                let to = format!("/blob/{root}/{raw}/");
                 return Ok((StatusCode::MOVED_PERMANENTLY, [(header::LOCATION, to)]).into_response());
             }
             Ok(Html(listing(root, &path, &entries)).into_response())
@@ -577,17 +590,14 @@ fn escape(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
-/// Percent-encodes a path segment.
+/// Percent-encodes a path segment: all but letters, digits and `-._~`.
 fn encode_segment(s: &[u8]) -> String {
-    s.iter()
-        .map(|&b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::percent_encode(s, SEGMENT).to_string()
 }
 
 /// A folder's HTML listing.

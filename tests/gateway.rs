@@ -157,6 +157,76 @@ fn the_gateway_serves_blobs_whole_in_ranges_and_by_etag() {
 }
 
 /// Reads an HTTP/1.1 response's head from `s`; returns it and the body bytes read with it.
+#[test]
+fn a_remote_folder_is_listed_and_its_files_served_by_path_whatever_their_names() {
+    use std::os::unix::ffi::OsStrExt;
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (host(root.path(), "a"), host(root.path(), "b"));
+    let da = Daemon::start(&a.data, &a.mnt, &[]);
+    let dir = root.path().join("share");
+    fs::create_dir_all(dir.join("docs")).unwrap();
+    let readme = b"read me\n".to_vec();
+    fs::write(dir.join("docs/readme.txt"), &readme).unwrap();
+    // A name that is not UTF-8, and one that needs escaping in a URL and in HTML.
+    let latin1 = data(70_000, 5);
+    fs::write(dir.join(std::ffi::OsStr::from_bytes(b"caf\xe9.bin")), &latin1).unwrap();
+    let odd = data(1000, 6);
+    fs::write(dir.join("with space & <tag>.txt"), &odd).unwrap();
+    std::os::unix::fs::symlink("docs/readme.txt", dir.join("link")).unwrap();
+    let mut add = swarmfs(&a.data, &["add", "-r"]);
+    add.arg(&dir);
+    let added = String::from_utf8_lossy(&ok_bytes(add)).into_owned();
+    let folder = &added.lines().last().unwrap()[..64];
+    let db = Daemon::start(&b.data, &b.mnt, &["--bootstrap", &addr_of(&a.data)]);
+    let base = format!("{}/blob/{folder}", db.http());
+
+    // The folder's own URL goes to its listing, whose links are relative.
+    let bare = curl(&base, &[]);
+    assert_eq!(bare.status, 301);
+    assert_eq!(bare.header("location"), Some(format!("/blob/{folder}/").as_str()));
+    let list = curl(&format!("{base}/"), &[]);
+    assert_eq!(list.status, 200);
+    assert!(list.header("content-type").unwrap().starts_with("text/html"));
+    let html = String::from_utf8_lossy(&list.body);
+    for href in [
+        "href=\"docs/\"",
+        "href=\"caf%E9.bin\"",
+        "href=\"with%20space%20%26%20%3Ctag%3E.txt\"",
+    ] {
+        assert!(html.contains(href), "{href} not in {html}");
+    }
+    assert!(
+        html.contains("with space &amp; &lt;tag&gt;.txt") && !html.contains("<tag>"),
+        "{html}"
+    );
+    assert!(html.contains("link &rarr; docs/readme.txt"), "{html}");
+
+    // A folder inside, without its slash, is sent to it; with it, listed.
+    let docs = curl(&format!("{base}/docs"), &[]);
+    assert_eq!(docs.status, 301);
+    assert_eq!(docs.header("location"), Some(format!("/blob/{folder}/docs/").as_str()));
+    let docs = curl(&format!("{base}/docs/"), &[]);
+    assert!(String::from_utf8_lossy(&docs.body).contains("href=\"readme.txt\""));
+
+    // Files by path, each fetched from A and verified: plain, not UTF-8, escaped.
+    let got = curl(&format!("{base}/docs/readme.txt"), &[]);
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, readme);
+    assert!(got.header("content-type").unwrap().starts_with("text/plain"));
+    let got = curl(&format!("{base}/caf%E9.bin"), &[]);
+    assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
+    assert!(got.body == latin1, "the body differs");
+    let got = curl(&format!("{base}/with%20space%20%26%20%3Ctag%3E.txt"), &["-r", "10-19"]);
+    assert_eq!(got.status, 206);
+    assert_eq!(got.body, odd[10..20]);
+
+    // What is not there, and what climbs out.
+    assert_eq!(curl(&format!("{base}/docs/nothing"), &[]).status, 404);
+    assert_eq!(curl(&format!("{base}/docs/%2E%2E/docs/readme.txt"), &[]).status, 400);
+    assert_eq!(curl(&format!("{base}/../x"), &["--path-as-is"]).status, 400);
+    drop((db, da));
+}
+
 fn read_head(s: &mut TcpStream) -> (String, Vec<u8>) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
