@@ -391,12 +391,30 @@ pub enum Call {
     Status,
     Peers,
     Blobs,
-    Providers { target: String },
-    Pin { hashes: Vec<Hash> },
-    Unpin { hashes: Vec<Hash> },
+    Providers {
+        target: String,
+    },
+    Pin {
+        hashes: Vec<Hash>,
+    },
+    Unpin {
+        hashes: Vec<Hash>,
+    },
     Gc,
-    Verify { hashes: Vec<Hash> },
-    Connect { addr: String },
+    Verify {
+        hashes: Vec<Hash>,
+    },
+    Connect {
+        addr: String,
+    },
+    /// The entries of a folder (a hash or a ticket).
+    List {
+        target: String,
+    },
+    /// A hash or ticket, found on the network, as a path in the daemon's mount.
+    Open {
+        target: String,
+    },
 }
 
 /// What a `Call` answers.
@@ -411,7 +429,17 @@ pub enum Reply {
     Unpinned(Vec<Unpinned>),
     Gc(GcReport),
     Verified(Vec<Verified>),
-    Connected { peers: Vec<String>, failed: Vec<String> },
+    Connected {
+        peers: Vec<String>,
+        failed: Vec<String>,
+    },
+    Entries(Vec<crate::folder::Entry>),
+    /// `unanswered`: the ticket named peers and none answered (the network was asked).
+    Opened {
+        hash: Hash,
+        path: PathBuf,
+        unanswered: bool,
+    },
 }
 
 /// The API over one store, and the node if one runs.
@@ -502,7 +530,42 @@ impl Api {
                 let (peers, failed) = self.connect(&addr)?;
                 Reply::Connected { peers, failed }
             }
+            Call::List { target } => Reply::Entries(self.list(&target)?),
+            Call::Open { target } => {
+                let (hash, path, unanswered) = self.open_in_mount(&target)?;
+                Reply::Opened { hash, path, unanswered }
+            }
         })
+    }
+
+    /// The entries of folder `target` (a hash, or a ticket whose peers are asked first).
+    pub fn list(&self, target: &str) -> ApiResult<Vec<crate::folder::Entry>> {
+        let (h, t) = parse_target(target.trim())?;
+        if let Some(t) = &t {
+            self.introduce(t);
+        }
+        Ok(crate::folder_io::entries(&self.store, self.net.as_ref(), &h)?)
+    }
+
+    /// `target` (a hash or a ticket) as a path in the mount, once someone is found to hold it;
+    /// true with it if the ticket named peers and none of them answered.
+    pub fn open_in_mount(&self, target: &str) -> ApiResult<(Hash, PathBuf, bool)> {
+        let n = self.node()?;
+        let mount = n
+            .mount
+            .as_ref()
+            .ok_or_else(|| ApiError::unavailable("the daemon has no mount; start it with `swarmfs mount DIR`"))?;
+        let (h, t) = parse_target(target.trim())?;
+        let unanswered = t
+            .as_ref()
+            .is_some_and(|t| self.introduce(t).is_empty() && !t.peers.is_empty());
+        if n.rt.block_on(n.fetcher.size(h, n.lookup_timeout)).is_none() {
+            return Err(ApiError::not_found(format!(
+                "nobody has blob {h}: neither the ticket's peers nor the network answered within {} s",
+                n.lookup_timeout.as_secs()
+            )));
+        }
+        Ok((h, mount.join(h.to_string()), unanswered))
     }
 
     /// The node: identity, addresses, cache, transfers.

@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use crate::api::{human, Added, Api, ApiError, Call, ErrorKind, Progress, Reply};
+use crate::folder::EntryKind;
 use crate::hash::Hash;
 use crate::store::{self, Store, StoreError};
 use crate::ticket::Ticket;
@@ -731,7 +732,8 @@ pub fn execute(
         api.set_cache_size(c)?;
     }
     // A ticket's peers are dialed first, and asked before any others.
-    if let Command::Cat { hash: t } | Command::Get { hash: t, .. } | Command::Ls { hash: Some(t), .. } = &cli.command {
+    // (`ls HASH` and `open` are typed calls: the API does it.)
+    if let Command::Cat { hash: t } | Command::Get { hash: t, .. } = &cli.command {
         if let (_, Some(ticket)) = parse_target(t)? {
             api.introduce(&ticket);
         }
@@ -755,35 +757,6 @@ pub fn execute(
                 json_out(out, &serde_json::json!({ "hash": h, "ticket": t.encode() }))?;
             } else {
                 writeln!(out, "{}", t.encode())?;
-            }
-            Ok(0)
-        }
-        Command::Open { ticket } => {
-            let n = api.node()?;
-            let mount = n
-                .mount
-                .as_ref()
-                .context("the daemon has no mount; start it with `swarmfs mount DIR`")?;
-            let (h, t) = parse_target(ticket)?;
-            if let Some(t) = &t {
-                if api.introduce(t).is_empty() && !t.peers.is_empty() {
-                    writeln!(
-                        err,
-                        "swarmfs: no peer in the ticket answered; looking {h} up on the network"
-                    )?;
-                }
-            }
-            if n.rt.block_on(n.fetcher.size(h, n.lookup_timeout)).is_none() {
-                anyhow::bail!(
-                    "nobody has blob {h}: neither the ticket's peers nor the network answered within {} s",
-                    n.lookup_timeout.as_secs()
-                );
-            }
-            let path = mount.join(h.to_string());
-            if cli.json {
-                json_out(out, &serde_json::json!({ "hash": h, "path": path.to_string_lossy() }))?;
-            } else {
-                writeln!(out, "{}", path.display())?;
             }
             Ok(0)
         }
@@ -824,12 +797,12 @@ pub fn execute(
                 None => cat(store, &hashes[0], out),
             }
         }
-        Command::Ls { hash: Some(_), .. } => crate::folder_io::list(store, net, &hashes[0], cli.json, out),
         Command::Providers { .. }
         | Command::Connect { .. }
         | Command::Peers
         | Command::Status
-        | Command::Ls { hash: None, .. }
+        | Command::Ls { .. }
+        | Command::Open { .. }
         | Command::Pin { .. }
         | Command::Unpin { .. }
         | Command::Gc
@@ -855,6 +828,8 @@ fn typed_call(cmd: &Command) -> Result<Option<Call>> {
         Command::Status => Call::Status,
         Command::Peers => Call::Peers,
         Command::Ls { hash: None, .. } => Call::Blobs,
+        Command::Ls { hash: Some(t), .. } => Call::List { target: t.clone() },
+        Command::Open { ticket } => Call::Open { target: ticket.clone() },
         Command::Providers { hash, .. } => Call::Providers { target: hash.clone() },
         Command::Pin { .. } => Call::Pin { hashes: hashes()? },
         Command::Unpin { .. } => Call::Unpin { hashes: hashes()? },
@@ -880,6 +855,11 @@ fn render(cli: &Cli, reply: Reply, out: &mut dyn Write, err: &mut dyn Write) -> 
             Reply::Connected { peers, failed } => {
                 json_out(out, &serde_json::json!({ "peers": peers, "failed": failed }))?
             }
+            Reply::Entries(v) => json_out(out, v)?,
+            Reply::Opened { hash, path, .. } => json_out(
+                out,
+                &serde_json::json!({ "hash": hash, "path": path.to_string_lossy() }),
+            )?,
         }
     }
     match reply {
@@ -924,7 +904,37 @@ fn render(cli: &Cli, reply: Reply, out: &mut dyn Write, err: &mut dyn Write) -> 
             let bad = report.iter().any(|r| r.error.is_some() || !r.corrupt.is_empty());
             Ok(bad as u8)
         }
+        Reply::Opened { hash, path, unanswered } => {
+            if unanswered {
+                writeln!(
+                    err,
+                    "swarmfs: no peer in the ticket answered; {hash} was found on the network"
+                )?;
+            }
+            if !cli.json {
+                writeln!(out, "{}", path.display())?;
+            }
+            Ok(0)
+        }
         _ if cli.json => Ok(0),
+        Reply::Entries(entries) => {
+            for e in &entries {
+                let name = String::from_utf8_lossy(&e.name);
+                let (h, size) = (e.hash, e.size);
+                match e.kind {
+                    EntryKind::File => {
+                        let kind = if e.exec { "file*" } else { "file " };
+                        writeln!(out, "{h}  {size:>14}  {kind}  {name}")?
+                    }
+                    EntryKind::Folder => writeln!(out, "{h}  {size:>14}  dir    {name}/")?,
+                    EntryKind::Symlink => {
+                        let target = String::from_utf8_lossy(&e.target);
+                        writeln!(out, "{h}  {size:>14}  link   {name} -> {target}")?
+                    }
+                }
+            }
+            Ok(0)
+        }
         Reply::Peers(peers) => {
             for p in &peers {
                 let rtt = p.rtt_ms.map_or("-".to_string(), |r| format!("{r:.1} ms"));

@@ -36,7 +36,7 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::hash::Hash;
 
@@ -61,7 +61,7 @@ const FIXED: usize = 1 + 1 + 8 + 32 + 2;
 const HEADER: usize = MAGIC.len() + 1 + 4;
 
 /// What an entry is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EntryKind {
     File,
@@ -70,9 +70,10 @@ pub enum EntryKind {
 }
 
 /// One entry of a folder.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// Names travel as text (lossy where not UTF-8), as `ls HASH --json` has always shown them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
-    #[serde(serialize_with = "lossy")]
+    #[serde(serialize_with = "lossy", deserialize_with = "text")]
     pub name: Vec<u8>,
     pub kind: EntryKind,
     pub exec: bool,
@@ -80,12 +81,21 @@ pub struct Entry {
     pub size: u64,
     pub hash: Hash,
     /// A symlink's target (empty otherwise).
-    #[serde(serialize_with = "lossy", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        serialize_with = "lossy",
+        deserialize_with = "text",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub target: Vec<u8>,
 }
 
 fn lossy<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&String::from_utf8_lossy(v))
+}
+
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    Ok(String::deserialize(d)?.into_bytes())
 }
 
 impl Entry {

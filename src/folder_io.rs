@@ -174,36 +174,11 @@ pub fn is_folder(store: &Store, net: Option<&NetCtx>, h: &Hash) -> Result<bool> 
     Ok(folder::looks_like_manifest(&head))
 }
 
-/// `swarmfs ls HASH`: the entries of a folder.
-pub fn list(store: &Store, net: Option<&NetCtx>, h: &Hash, json: bool, out: &mut dyn Write) -> Result<u8> {
+/// The entries of folder `h` (its manifests fetched if need be; a malformed one is refused
+/// and its providers banned).
+pub fn entries(store: &Store, net: Option<&NetCtx>, h: &Hash) -> Result<Vec<Entry>> {
     let src = Manifests { store, net };
-    let entries = Reader::new(&src).list(h, None).map_err(|e| refused(net, e))?;
-    if json {
-        serde_json::to_writer_pretty(&mut *out, &entries)?;
-        writeln!(out)?;
-        return Ok(0);
-    }
-    for e in &entries {
-        let name = String::from_utf8_lossy(&e.name);
-        match e.kind {
-            EntryKind::File => writeln!(
-                out,
-                "{}  {:>14}  {}  {name}",
-                e.hash,
-                e.size,
-                if e.exec { "file*" } else { "file " }
-            )?,
-            EntryKind::Folder => writeln!(out, "{}  {:>14}  dir    {name}/", e.hash, e.size)?,
-            EntryKind::Symlink => writeln!(
-                out,
-                "{}  {:>14}  link   {name} -> {}",
-                e.hash,
-                e.size,
-                String::from_utf8_lossy(&e.target)
-            )?,
-        }
-    }
-    Ok(0)
+    Reader::new(&src).list(h, None).map_err(|e| refused(net, e))
 }
 
 /// One thing `get` makes under the target folder.

@@ -431,6 +431,41 @@ fn the_control_socket_carries_typed_calls_and_replies() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not in the local store"));
     let bad = run(swarmfs(&d, &["pin", "xyz"]));
     assert_eq!(bad.status.code(), Some(2), "a malformed hash is bad input");
+
+    // A folder's entries and a path in the mount are typed calls too.
+    let dir = root.path().join("folder");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("inside"), b"typed").unwrap();
+    let mut add = swarmfs(&d, &["add", "-r"]);
+    add.arg(&dir);
+    let folder = ok(add).lines().last().unwrap()[..64].to_string();
+    let listed = ask(&format!(
+        r#"{{"kind":"call","call":{{"call":"list","target":"{folder}"}}}}"#
+    ));
+    assert_eq!(listed["Ok"]["reply"], "entries", "{listed}");
+    assert_eq!(listed["Ok"]["value"][0]["name"], "inside");
+    assert_eq!(listed["Ok"]["value"][0]["hash"], hash.as_str());
+    let not_folder = ask(&format!(
+        r#"{{"kind":"call","call":{{"call":"list","target":"{hash}"}}}}"#
+    ));
+    assert_eq!(not_folder["Err"]["kind"], "bad_request", "{not_folder}");
+    let opened = ask(&format!(
+        r#"{{"kind":"call","call":{{"call":"open","target":"{hash}"}}}}"#
+    ));
+    assert_eq!(opened["Ok"]["reply"], "opened", "{opened}");
+    let path = opened["Ok"]["value"]["path"].as_str().unwrap().to_string();
+    assert_eq!(fs::read(&path).unwrap(), b"typed");
+    // Rendered by the CLI as before.
+    let line = ok(swarmfs(&d, &["ls", &folder]));
+    assert_eq!(line.trim_end(), format!("{hash}               5  file   inside"));
+    assert_eq!(ok(swarmfs(&d, &["open", &hash])).trim_end(), path);
+    let json: serde_json::Value = serde_json::from_str(&ok(swarmfs(&d, &["--json", "ls", &folder]))).unwrap();
+    assert_eq!(json[0]["kind"], "file");
+    assert_eq!(
+        run(swarmfs(&d, &["ls", &hash])).status.code(),
+        Some(2),
+        "not a folder: bad input"
+    );
     drop(daemon);
 }
 
