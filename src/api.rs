@@ -415,6 +415,12 @@ pub enum Call {
     Open {
         target: String,
     },
+    /// A ticket for a blob held whole here: a hash or ticket, a file or folder in the mount,
+    /// or any other file or folder (added first); a relative path is read from `cwd`.
+    Share {
+        target: String,
+        cwd: Option<PathBuf>,
+    },
 }
 
 /// What a `Call` answers.
@@ -439,6 +445,10 @@ pub enum Reply {
         hash: Hash,
         path: PathBuf,
         unanswered: bool,
+    },
+    Shared {
+        hash: Hash,
+        ticket: String,
     },
 }
 
@@ -531,10 +541,41 @@ impl Api {
                 Reply::Connected { peers, failed }
             }
             Call::List { target } => Reply::Entries(self.list(&target)?),
+            Call::Share { target, cwd } => {
+                let t = self.share(&target, cwd.as_deref())?;
+                Reply::Shared {
+                    hash: t.hash,
+                    ticket: t.encode(),
+                }
+            }
             Call::Open { target } => {
                 let (hash, path, unanswered) = self.open_in_mount(&target)?;
                 Reply::Opened { hash, path, unanswered }
             }
+        })
+    }
+
+    /// A ticket for `target` (see `Call::Share`), which must be held whole here.
+    pub fn share(&self, target: &str, cwd: Option<&Path>) -> ApiResult<Ticket> {
+        let n = self.net.as_ref().ok_or_else(|| {
+            ApiError::unavailable(
+                "no daemon is running for this data directory; a ticket carries the daemon's addresses: start one with `swarmfs mount DIR`",
+            )
+        })?;
+        let h = share_target(&self.store, target, cwd)?;
+        if !self.store.info(&h)?.is_some_and(|i| i.complete) {
+            return Err(ApiError::not_found(format!(
+                "blob {h} is not held whole here, so it cannot be shared from here"
+            )));
+        }
+        let info = n.rt.block_on(n.fetcher.net().info());
+        let peer = info
+            .peer_id
+            .parse()
+            .map_err(|e| ApiError::internal(format!("this node's peer id: {e}")))?;
+        Ok(Ticket {
+            hash: h,
+            peers: vec![(peer, ticket_addrs(&info))],
         })
     }
 
@@ -872,4 +913,88 @@ impl Api {
             ))
         })
     }
+}
+
+/// The hash that `swarmfs share` shares: a hash as given, a file or folder in the mount by its
+/// `user.swarmfs.hash`, or any other file or folder, added to the store (and pinned) first.
+fn share_target(store: &Store, s: &str, cwd: Option<&Path>) -> ApiResult<Hash> {
+    if let Ok((h, _)) = parse_target(s) {
+        return Ok(h);
+    }
+    let path = cwd.map_or_else(|| PathBuf::from(s), |c| c.join(s));
+    if let Some(v) = xattr_hash(&path) {
+        return Ok(v);
+    }
+    if !path.exists() {
+        return Err(ApiError::bad(format!(
+            "{s:?} is neither a hash, a ticket, a file nor a folder"
+        )));
+    }
+    if path.is_dir() {
+        let mut skip = |p: &Path, why: &str| tracing::warn!("share: left out {}: {why}", p.display());
+        let import = &mut |p: &Path| Ok(store.import_file(p, true)?);
+        return Ok(crate::folder_io::add_dir(store, &path, &path, import, &mut |_, _, _| Ok(()), &mut skip)?.0);
+    }
+    Ok(store.import_file(&path, true)?.0)
+}
+
+/// The `user.swarmfs.hash` of a file in a swarmfs mount.
+fn xattr_hash(path: &Path) -> Option<Hash> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut buf = [0u8; 64];
+    // SAFETY: valid NUL-terminated strings and a buffer of the length given.
+    let n = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            c"user.swarmfs.hash".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n != 64 {
+        return None;
+    }
+    std::str::from_utf8(&buf).ok()?.parse().ok()
+}
+
+/// The addresses a ticket gives for this node: direct ones first (confirmed ones, then every
+/// listen address), then relayed ones (`/p2p-circuit`), loopback last; without the node's own
+/// `/p2p` (the ticket holds the peer id once).
+fn ticket_addrs(info: &crate::net::NetInfo) -> Vec<libp2p::Multiaddr> {
+    use libp2p::multiaddr::Protocol;
+    let loopback = |a: &libp2p::Multiaddr| {
+        a.iter().any(|p| match p {
+            Protocol::Ip4(ip) => ip.is_loopback(),
+            Protocol::Ip6(ip) => ip.is_loopback(),
+            _ => false,
+        })
+    };
+    let parsed = |list: &[String]| -> Vec<libp2p::Multiaddr> {
+        list.iter()
+            .filter_map(|a| a.parse::<libp2p::Multiaddr>().ok())
+            // A relay client confirms its circuit address with this node's /p2p on the end.
+            .map(|a| crate::net::without_peer(&crate::net::without_peer(&a)))
+            .collect()
+    };
+    let listen = parsed(&info.listen);
+    let mut out: Vec<libp2p::Multiaddr> = Vec::new();
+    let all: Vec<_> = parsed(&info.external)
+        .into_iter()
+        .chain(listen.iter().cloned())
+        .collect();
+    let circuit = crate::net::is_circuit;
+    let ordered = all
+        .iter()
+        .filter(|a| !loopback(a) && !circuit(a))
+        .chain(all.iter().filter(|a| circuit(a)))
+        .chain(all.iter().filter(|a| loopback(a) && !circuit(a)))
+        .cloned();
+    for a in ordered {
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out.truncate(crate::ticket::MAX_ADDRS);
+    out
 }

@@ -363,47 +363,6 @@ fn parse_target(s: &str) -> Result<(Hash, Option<Ticket>)> {
     Ok(crate::api::parse_target(s)?)
 }
 
-/// The hash that `swarmfs share` shares: a hash as given, a file or folder in the mount by its
-/// `user.swarmfs.hash`, or any other file or folder, added to the store (and pinned) first.
-fn share_target(store: &Store, s: &str, cwd: Option<&Path>) -> Result<Hash> {
-    if let Ok((h, _)) = parse_target(s) {
-        return Ok(h);
-    }
-    let path = cwd.map_or_else(|| PathBuf::from(s), |c| c.join(s));
-    if let Ok(v) = xattr_hash(&path) {
-        return Ok(v);
-    }
-    if !path.exists() {
-        anyhow::bail!("{s:?} is neither a hash, a ticket, a file nor a folder");
-    }
-    if path.is_dir() {
-        let mut skip = |p: &Path, why: &str| tracing::warn!("share: left out {}: {why}", p.display());
-        let import = &mut |p: &Path| Ok(store.import_file(p, true)?);
-        return Ok(crate::folder_io::add_dir(store, &path, &path, import, &mut |_, _, _| Ok(()), &mut skip)?.0);
-    }
-    Ok(store.import_file(&path, true)?.0)
-}
-
-/// The `user.swarmfs.hash` of a file in a swarmfs mount.
-fn xattr_hash(path: &Path) -> Result<Hash> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    let mut buf = [0u8; 64];
-    // SAFETY: valid NUL-terminated strings and a buffer of the length given.
-    let n = unsafe {
-        libc::getxattr(
-            c.as_ptr(),
-            c"user.swarmfs.hash".as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n != 64 {
-        anyhow::bail!("no swarmfs hash");
-    }
-    parse_hash(std::str::from_utf8(&buf)?)
-}
-
 /// Runs a parsed command line: the daemon, or a command (through a running daemon if there
 /// is one, else on the store directly). Returns the exit code.
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -492,7 +451,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     // Check hashes before anything else, so a typo costs nothing.
     hashes(&cli.command)?;
     // Typed calls go to a running daemon as such, and its reply is rendered here.
-    if let (Some(call), None) = (typed_call(&cli.command)?, cli.cache_size) {
+    if let (Some(call), None) = (typed_call(&cli)?, cli.cache_size) {
         let asked = crate::control::call(&dir, &call).with_context(|| {
             format!(
                 "cannot talk to the daemon at {}",
@@ -740,26 +699,6 @@ pub fn execute(
     }
     match &cli.command {
         Command::Add { paths, recursive } => add(api, cli, paths, *recursive, out, err, progress),
-        Command::Share { target } => {
-            let n = net.context(
-                "no daemon is running for this data directory; a ticket carries the daemon's addresses: start one with `swarmfs mount DIR`",
-            )?;
-            let h = share_target(store, target, cli.cwd.as_deref())?;
-            if !store.info(&h)?.is_some_and(|i| i.complete) {
-                anyhow::bail!("blob {h} is not held whole here, so it cannot be shared from here");
-            }
-            let info = n.rt.block_on(n.fetcher.net().info());
-            let t = Ticket {
-                hash: h,
-                peers: vec![(info.peer_id.parse()?, ticket_addrs(&info))],
-            };
-            if cli.json {
-                json_out(out, &serde_json::json!({ "hash": h, "ticket": t.encode() }))?;
-            } else {
-                writeln!(out, "{}", t.encode())?;
-            }
-            Ok(0)
-        }
         Command::Cat { .. } => {
             let complete = store.info(&hashes[0])?.is_some_and(|i| i.complete);
             if let Some(n) = net.filter(|_| !complete) {
@@ -803,11 +742,12 @@ pub fn execute(
         | Command::Status
         | Command::Ls { .. }
         | Command::Open { .. }
+        | Command::Share { .. }
         | Command::Pin { .. }
         | Command::Unpin { .. }
         | Command::Gc
         | Command::Verify { .. } => {
-            let call = typed_call(&cli.command)?.expect("a typed command");
+            let call = typed_call(cli)?.expect("a typed command");
             render(cli, api.call(call)?, out, err)
         }
         Command::Mount { .. }
@@ -822,7 +762,8 @@ pub fn execute(
 
 /// The typed call a command is, if it is one: these go to the daemon as `api::Call`s and come
 /// back as `api::Reply`s, rendered here.
-fn typed_call(cmd: &Command) -> Result<Option<Call>> {
+fn typed_call(cli: &Cli) -> Result<Option<Call>> {
+    let cmd = &cli.command;
     let hashes = || -> Result<Vec<Hash>> { hashes(cmd) };
     Ok(Some(match cmd {
         Command::Status => Call::Status,
@@ -830,6 +771,14 @@ fn typed_call(cmd: &Command) -> Result<Option<Call>> {
         Command::Ls { hash: None, .. } => Call::Blobs,
         Command::Ls { hash: Some(t), .. } => Call::List { target: t.clone() },
         Command::Open { ticket } => Call::Open { target: ticket.clone() },
+        // A path is read from the client's working directory (given in the daemon as --cwd).
+        Command::Share { target } => Call::Share {
+            target: target.clone(),
+            cwd: Some(match &cli.cwd {
+                Some(c) => c.clone(),
+                None => std::env::current_dir().context("cannot read the current directory")?,
+            }),
+        },
         Command::Providers { hash, .. } => Call::Providers { target: hash.clone() },
         Command::Pin { .. } => Call::Pin { hashes: hashes()? },
         Command::Unpin { .. } => Call::Unpin { hashes: hashes()? },
@@ -856,6 +805,7 @@ fn render(cli: &Cli, reply: Reply, out: &mut dyn Write, err: &mut dyn Write) -> 
                 json_out(out, &serde_json::json!({ "peers": peers, "failed": failed }))?
             }
             Reply::Entries(v) => json_out(out, v)?,
+            Reply::Shared { hash, ticket } => json_out(out, &serde_json::json!({ "hash": hash, "ticket": ticket }))?,
             Reply::Opened { hash, path, .. } => json_out(
                 out,
                 &serde_json::json!({ "hash": hash, "path": path.to_string_lossy() }),
@@ -917,6 +867,10 @@ fn render(cli: &Cli, reply: Reply, out: &mut dyn Write, err: &mut dyn Write) -> 
             Ok(0)
         }
         _ if cli.json => Ok(0),
+        Reply::Shared { ticket, .. } => {
+            writeln!(out, "{ticket}")?;
+            Ok(0)
+        }
         Reply::Entries(entries) => {
             for e in &entries {
                 let name = String::from_utf8_lossy(&e.name);
@@ -1307,45 +1261,4 @@ fn cat(store: &Store, h: &Hash, out: &mut (dyn Write + Send)) -> Result<u8> {
         Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::BrokenPipe => Ok(0),
         Err(e) => Err(e.into()),
     }
-}
-
-/// The addresses a ticket gives for this node: direct ones first (confirmed ones, then every
-/// listen address), then relayed ones (`/p2p-circuit`), loopback last; without the node's own
-/// `/p2p` (the ticket holds the peer id once).
-fn ticket_addrs(info: &crate::net::NetInfo) -> Vec<libp2p::Multiaddr> {
-    use libp2p::multiaddr::Protocol;
-    let loopback = |a: &libp2p::Multiaddr| {
-        a.iter().any(|p| match p {
-            Protocol::Ip4(ip) => ip.is_loopback(),
-            Protocol::Ip6(ip) => ip.is_loopback(),
-            _ => false,
-        })
-    };
-    let parsed = |list: &[String]| -> Vec<libp2p::Multiaddr> {
-        list.iter()
-            .filter_map(|a| a.parse::<libp2p::Multiaddr>().ok())
-            // A relay client confirms its circuit address with this node's /p2p on the end.
-            .map(|a| crate::net::without_peer(&crate::net::without_peer(&a)))
-            .collect()
-    };
-    let listen = parsed(&info.listen);
-    let mut out: Vec<libp2p::Multiaddr> = Vec::new();
-    let all: Vec<_> = parsed(&info.external)
-        .into_iter()
-        .chain(listen.iter().cloned())
-        .collect();
-    let circuit = crate::net::is_circuit;
-    let ordered = all
-        .iter()
-        .filter(|a| !loopback(a) && !circuit(a))
-        .chain(all.iter().filter(|a| circuit(a)))
-        .chain(all.iter().filter(|a| loopback(a) && !circuit(a)))
-        .cloned();
-    for a in ordered {
-        if !out.contains(&a) {
-            out.push(a);
-        }
-    }
-    out.truncate(crate::ticket::MAX_ADDRS);
-    out
 }

@@ -1,6 +1,7 @@
 //! The CLI against real files: b3sum agreement, round trips, tampering and errors.
 
 use std::fs;
+use std::path::Path;
 use std::time::Duration;
 
 use crate::util::*;
@@ -466,7 +467,44 @@ fn the_control_socket_carries_typed_calls_and_replies() {
         Some(2),
         "not a folder: bad input"
     );
+    // share: a relative path is read from the cwd the call names (the client's).
+    fs::write(root.path().join("new"), b"shared by path").unwrap();
+    let cwd = root.path().to_str().unwrap();
+    let shared = ask(&format!(
+        r#"{{"kind":"call","call":{{"call":"share","target":"new","cwd":"{cwd}"}}}}"#
+    ));
+    assert_eq!(shared["Ok"]["reply"], "shared", "{shared}");
+    let ticket = shared["Ok"]["value"]["ticket"].as_str().unwrap();
+    let t = swarmfs::ticket::Ticket::decode(ticket).unwrap();
+    assert_eq!(t.hash, Hash::of(b"shared by path"));
+    let mut share = swarmfs(&d, &["share", "new"]);
+    share.current_dir(root.path());
+    assert_eq!(ok(share).trim(), ticket);
+    let nothing = ask(r#"{"kind":"call","call":{"call":"share","target":"nothing-here","cwd":"/"}}"#);
+    assert_eq!(nothing["Err"]["kind"], "bad_request", "{nothing}");
     drop(daemon);
+}
+
+/// `swarmfs add FLAGS PATH` under script(1), which gives it a terminal: what it drew.
+fn add_on_a_terminal(data: &Path, flags: &str, path: &Path) -> String {
+    let line = format!(
+        "{} --data-dir {} add {flags} {}",
+        env!("CARGO_BIN_EXE_swarmfs"),
+        data.display(),
+        path.display()
+    );
+    let mut script = std::process::Command::new("script");
+    script.args(["-qec", &line, "/dev/null"]).env_remove("RUST_LOG");
+    String::from_utf8_lossy(&ok_bytes(script)).into_owned()
+}
+
+/// True if an `add` bar "add [###>---] 25.00 MiB/40.00 MiB ..." was drawn with done strictly
+/// between 0 and the whole of 40 MiB.
+fn bar_within_40_mib(shown: &str) -> bool {
+    shown.split(['\r', '\n']).any(|seg| {
+        let done = seg.split("] ").nth(1).and_then(|p| p.split("/40.00 MiB").next());
+        seg.contains("add [") && done.is_some_and(|d| d != "0 B" && d != "40.00 MiB" && !d.contains('/'))
+    })
 }
 
 #[test]
@@ -475,23 +513,14 @@ fn add_r_of_a_folder_reports_over_its_whole_size_and_within_its_big_files() {
     let dir = root.path().join("folder");
     std::fs::create_dir_all(dir.join("sub")).unwrap();
     random_file(&dir.join("sub/big"), 40);
-    let line = format!(
-        "{} --data-dir {} add -r {}",
-        env!("CARGO_BIN_EXE_swarmfs"),
-        root.path().join("d").display(),
-        dir.display()
+    let shown = add_on_a_terminal(&root.path().join("d"), "-r", &dir);
+    // A bar drawn within the big file, over the folder's whole size. Without the walk first
+    // the whole is only what was read (done == total); without the report within the file
+    // no bar comes before its end.
+    assert!(
+        bar_within_40_mib(&shown),
+        "no bar within the file, over the folder's size: {shown:?}"
     );
-    let mut script = std::process::Command::new("script");
-    script.args(["-qec", &line, "/dev/null"]).env_remove("RUST_LOG");
-    let shown = String::from_utf8_lossy(&ok_bytes(script)).into_owned();
-    // "add [###>---] 25.00 MiB/40.00 MiB ...": a bar drawn within the big file, over the
-    // folder's whole size. Without the walk first the whole is only what was read (done ==
-    // total); without the report within the file no bar comes before its end.
-    let partial = shown.split(['\r', '\n']).any(|seg| {
-        let done = seg.split("] ").nth(1).and_then(|p| p.split("/40.00 MiB").next());
-        seg.contains("add [") && done.is_some_and(|d| d != "0 B" && d != "40.00 MiB" && !d.contains('/'))
-    });
-    assert!(partial, "no bar within the file, over the folder's size: {shown:?}");
     let hash = b3(&dir.join("sub/big"));
     assert!(shown.contains(&hash), "{shown:?}");
     assert!(shown.contains("swarmfs: add 40.0 MiB in "), "{shown:?}");
@@ -502,23 +531,10 @@ fn add_of_a_big_file_reports_within_it_and_its_result_line_stands_alone() {
     let root = tempfile::tempdir().unwrap();
     let f = root.path().join("big");
     random_file(&f, 40);
-    let line = format!(
-        "{} --data-dir {} add {}",
-        env!("CARGO_BIN_EXE_swarmfs"),
-        root.path().join("d").display(),
-        f.display()
-    );
-    let mut script = std::process::Command::new("script");
-    script.args(["-qec", &line, "/dev/null"]).env_remove("RUST_LOG");
-    let shown = String::from_utf8_lossy(&ok_bytes(script)).into_owned();
+    let shown = add_on_a_terminal(&root.path().join("d"), "", &f);
     // A bar drawn before the file was read to its end (without the in-file report, the
     // first report comes once the whole file is stored).
-    let partial = shown.split(['\r', '\n']).any(|seg| {
-        // "add [###>---] 25.00 MiB/40.00 MiB ...": done strictly between 0 and the whole.
-        let done = seg.split("] ").nth(1).and_then(|p| p.split("/40.00 MiB").next());
-        seg.contains("add [") && done.is_some_and(|d| d != "0 B" && d != "40.00 MiB" && !d.contains('/'))
-    });
-    assert!(partial, "no bar within the file: {shown:?}");
+    assert!(bar_within_40_mib(&shown), "no bar within the file: {shown:?}");
     // The result line is never drawn over: the text before it on its terminal line is at
     // most the bar's clearing sequence.
     let hash = b3(&f);
