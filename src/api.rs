@@ -482,7 +482,8 @@ impl Api {
     fn completed(&self, h: Hash) {
         let size = self.store.info(&h).ok().flatten().map_or(0, |i| i.size);
         if let Some(n) = &self.net {
-            let peers = n.fetcher.net().swarms.members(&h).len();
+            // Not for a blob added here: only one that came from peers.
+            let peers = n.fetcher.net().swarms.peers_of(&h);
             if peers > 0 {
                 tracing::info!(hash = %h, size, peers, "transfer finished: blob complete and verified");
             }

@@ -298,6 +298,14 @@ impl Swarms {
             .unwrap_or_default()
     }
 
+    /// How many peers blob `h` moved with: members of its swarm, and any peer bytes of it
+    /// came from or went to (a fetch may end before the swarm is joined).
+    pub fn peers_of(&self, h: &Hash) -> usize {
+        let mut peers: HashSet<PeerId> = self.members(h).into_iter().collect();
+        peers.extend(lock(&self.flows).keys().filter(|(x, _)| x == h).map(|(_, p)| *p));
+        peers.len()
+    }
+
     /// Whether `p` holds every group of `r`: `None` if it is not a member (an old peer, or one
     /// not joined yet), whose holdings are unknown.
     pub fn holds(&self, h: &Hash, p: &PeerId, r: &Range<u64>) -> Option<bool> {
@@ -489,6 +497,19 @@ mod tests {
         assert_eq!(s.join(h, 100, p, tx3, false), None);
         s.leave(&h, &p, id2);
         assert!(!s.is_member(&h, &p));
+    }
+
+    #[test]
+    fn a_blob_fetched_before_its_swarm_was_joined_still_counts_its_peer() {
+        // The daemon logs "transfer finished" for a blob that moved with peers; a small fetch
+        // can end before any swarm stream is up, so bytes received count as well.
+        let s = Swarms::default();
+        let (h, p) = (Hash::of(b"x"), PeerId::random());
+        assert_eq!(s.peers_of(&h), 0);
+        s.received(h, p, 1000);
+        assert!(s.members(&h).is_empty());
+        assert_eq!(s.peers_of(&h), 1);
+        assert_eq!(s.peers_of(&Hash::of(b"y")), 0);
     }
 
     #[test]
