@@ -773,15 +773,22 @@ impl Api {
         added(self.store.import_file(path, true))
     }
 
-    /// `add_file`, telling `progress` the bytes read so far about every 200 ms (the import
+    /// `add_file`, telling `progress` the bytes read so far, looked at every 20 ms (the import
     /// runs on a thread of its own meanwhile).
     pub fn add_file_progress(&self, path: &Path, progress: &mut dyn FnMut(u64)) -> ApiResult<(Hash, u64)> {
         let read = std::sync::atomic::AtomicU64::new(0);
         let res = std::thread::scope(|s| {
             let job = s.spawn(|| self.store.import_file_counted(path, true, &read));
+            // Reported when it moved: a report of nothing read yet would only hold back the
+            // next (a bar is drawn at most every 250 ms).
+            let mut shown = 0;
             while !job.is_finished() {
                 std::thread::sleep(Duration::from_millis(20));
-                progress(read.load(std::sync::atomic::Ordering::Relaxed));
+                let now = read.load(std::sync::atomic::Ordering::Relaxed);
+                if now > shown {
+                    shown = now;
+                    progress(now);
+                }
             }
             job.join().expect("the import thread")
         });

@@ -498,12 +498,20 @@ fn add_on_a_terminal(data: &Path, flags: &str, path: &Path) -> String {
     String::from_utf8_lossy(&ok_bytes(script)).into_owned()
 }
 
-/// True if an `add` bar "add [###>---] 25.00 MiB/40.00 MiB ..." was drawn with done strictly
-/// between 0 and the whole of 40 MiB.
-fn bar_within_40_mib(shown: &str) -> bool {
+/// MiB of the big file of the add-bar tests: enough that reading it takes several of the
+/// import's 20 ms looks even on a fast machine (40 MiB was read whole within one).
+const BIG_MIB: u64 = 256;
+
+/// True if an `add` bar "add [###>---] 25.00 MiB/256.00 MiB ..." was drawn with done strictly
+/// between 0 and the whole big file.
+fn bar_within_big(shown: &str) -> bool {
+    let whole = format!("{BIG_MIB}.00 MiB");
     shown.split(['\r', '\n']).any(|seg| {
-        let done = seg.split("] ").nth(1).and_then(|p| p.split("/40.00 MiB").next());
-        seg.contains("add [") && done.is_some_and(|d| d != "0 B" && d != "40.00 MiB" && !d.contains('/'))
+        let done = seg
+            .split("] ")
+            .nth(1)
+            .and_then(|p| p.split(&format!("/{whole}")).next());
+        seg.contains("add [") && done.is_some_and(|d| d != "0 B" && d != whole && !d.contains('/'))
     })
 }
 
@@ -512,29 +520,32 @@ fn add_r_of_a_folder_reports_over_its_whole_size_and_within_its_big_files() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("folder");
     std::fs::create_dir_all(dir.join("sub")).unwrap();
-    random_file(&dir.join("sub/big"), 40);
+    random_file(&dir.join("sub/big"), BIG_MIB);
     let shown = add_on_a_terminal(&root.path().join("d"), "-r", &dir);
     // A bar drawn within the big file, over the folder's whole size. Without the walk first
     // the whole is only what was read (done == total); without the report within the file
     // no bar comes before its end.
     assert!(
-        bar_within_40_mib(&shown),
+        bar_within_big(&shown),
         "no bar within the file, over the folder's size: {shown:?}"
     );
     let hash = b3(&dir.join("sub/big"));
     assert!(shown.contains(&hash), "{shown:?}");
-    assert!(shown.contains("swarmfs: add 40.0 MiB in "), "{shown:?}");
+    assert!(
+        shown.contains(&format!("swarmfs: add {BIG_MIB}.0 MiB in ")),
+        "{shown:?}"
+    );
 }
 
 #[test]
 fn add_of_a_big_file_reports_within_it_and_its_result_line_stands_alone() {
     let root = tempfile::tempdir().unwrap();
     let f = root.path().join("big");
-    random_file(&f, 40);
+    random_file(&f, BIG_MIB);
     let shown = add_on_a_terminal(&root.path().join("d"), "", &f);
     // A bar drawn before the file was read to its end (without the in-file report, the
     // first report comes once the whole file is stored).
-    assert!(bar_within_40_mib(&shown), "no bar within the file: {shown:?}");
+    assert!(bar_within_big(&shown), "no bar within the file: {shown:?}");
     // The result line is never drawn over: the text before it on its terminal line is at
     // most the bar's clearing sequence.
     let hash = b3(&f);
@@ -544,5 +555,8 @@ fn add_of_a_big_file_reports_within_it_and_its_result_line_stands_alone() {
         before.is_empty() || before == "\x1b[2K",
         "bar text before the result: {before:?}"
     );
-    assert!(shown.contains("swarmfs: add 40.0 MiB in "), "{shown:?}");
+    assert!(
+        shown.contains(&format!("swarmfs: add {BIG_MIB}.0 MiB in ")),
+        "{shown:?}"
+    );
 }

@@ -265,7 +265,9 @@ impl Daemon {
         let start = Instant::now();
         loop {
             let log = self.log_text();
-            if let Some(line) = log.lines().find_map(|l| l.strip_prefix(SAYS)) {
+            // Only a whole line: the daemon may be half way through writing it.
+            let whole = log.split_inclusive('\n').filter_map(|l| l.strip_suffix('\n'));
+            if let Some(line) = whole.into_iter().find_map(|l| l.strip_prefix(SAYS)) {
                 return line.trim_end_matches('/').to_string();
             }
             assert!(start.elapsed() < Duration::from_secs(20), "no HTTP server: {log}");
